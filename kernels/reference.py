@@ -1,0 +1,56 @@
+"""Pure-PyTorch reference implementations. They define the numerics every fast path
+must reproduce (DESIGN.md §7) and serve on any device.
+
+Shapes: hidden states ``(..., D)``; attention inputs ``(B, H, N, D_h)``; RoPE tables
+``(N, D_h)``; adaLN vectors ``(B, D)`` broadcast over tokens of ``x`` ``(B, N, D)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
+    """``x * rsqrt(mean(x^2) + eps)`` computed in float32, cast back to x's dtype, times ``weight``."""
+    x32 = x.float()
+    y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    return y * weight if weight is not None else y
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation ``x * (1 + scale) + shift`` with per-sample vectors broadcast over tokens."""
+    out = x * (1 + scale.unsqueeze(1))
+    return out + shift.unsqueeze(1) if shift is not None else out
+
+
+def rms_norm_modulate(
+    x: torch.Tensor, weight: torch.Tensor | None, shift: torch.Tensor | None, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """``modulate(rms_norm(x, weight), shift, scale)``: the pre-norm of every DiT block."""
+    return modulate(rms_norm(x, weight, eps), shift, scale)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention with scale ``1/sqrt(D_h)``, computed in float32; ``(B, H, N, D_h)`` in and out."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """Maps each adjacent pair ``(x0, x1)`` of the last dimension to ``(-x1, x0)``."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding ``x * cos + rotate_pairs(x) * sin`` with tables of shape ``(N, D_h)``."""
+    return x * cos + rotate_pairs(x) * sin
+
+
+def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm without affine parameters (LightningDiT's norm when RMSNorm is off)."""
+    return F.layer_norm(x, (x.shape[-1],), eps=eps)

@@ -1,0 +1,121 @@
+"""Loading a :class:`Config` from YAML files and ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sfd_train.config.base import ConfigError, describe, from_mapping, to_dict
+from sfd_train.config.published import is_published_config, translate_published_config
+from sfd_train.config.schema import Config
+
+# Presets shipped in configs/ can be named without their path: `sfd-train tiny`.
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def resolve_config_path(name: str) -> Path:
+    """Finds a config file by path, or by preset name in ``configs/``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    raise ConfigError("", f"config file {name!r} not found (presets: {', '.join(presets) or 'none'})")
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a YAML file into plain data; names the file on a syntax error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise ConfigError("", f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """Parses ``section.key=value`` items (values in YAML syntax) into a nested mapping."""
+    overrides = list(overrides)
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(item, "an override must look like section.key=value")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(overrides), resolve=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError("", f"cannot parse overrides {overrides}: {err}") from None
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_config(*layers: Mapping[str, Any]) -> Config:
+    """Merges nested mappings left to right and validates the result as a :class:`Config`."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = _merge(merged, layer)
+    return from_mapping(Config, merged)
+
+
+def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), notes: list[str] | None = None) -> Config:
+    """Loads a config file (ours or the authors') and applies ``key=value`` overrides.
+
+    Args:
+        path: a YAML file, a preset name from ``configs/``, or None for the defaults.
+        overrides: ``section.key=value`` strings, applied last.
+        notes: if given, receives remarks about translated authors' keys.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: naming the file or the dotted key at fault.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = resolve_config_path(str(path))
+        data = read_yaml(file)
+        if is_published_config(data):
+            data, remarks = translate_published_config(data)
+            if notes is not None:
+                notes.extend(remarks)
+    return build_config(data, parse_overrides(overrides))
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Writes ``config`` as YAML (it holds no credentials: those come from the environment)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+
+
+def config_help() -> str:
+    """Every config key with its type, default and docstring, for ``--help-config``."""
+    lines = []
+    section = None
+    for key, type_name, default, doc in describe(Config):
+        head = key.split(".", 1)[0]
+        if head != section:
+            section = head
+            lines.append(f"\n[{section}]")
+        lines.append(f"  {key} ({type_name}, default {default!r})")
+        if doc:
+            lines.append(f"      {doc}")
+    return "\n".join(lines).lstrip("\n")
