@@ -95,6 +95,40 @@ def loss_terms(
     return terms
 
 
+def draw_global_inputs(
+    global_batch: int,
+    sample_shape: tuple[int, ...],
+    model_config: ModelConfig,
+    objective: ObjectiveConfig,
+    generator: torch.Generator,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noise, global times and label-dropout flags for every sample of a global batch.
+
+    Drawing for the whole global batch from one generator and slicing per rank makes a
+    sample's randomness depend on its position in the global batch only, not on how
+    many ranks or accumulation steps share the batch.
+
+    Returns:
+        ``(noise (G, *sample_shape), tau (G,), drop (G,) bool)``.
+    """
+    noise = torch.randn((global_batch, *sample_shape), generator=generator, device=device)
+    tau = sample_global_time(
+        global_batch, objective.time_sampling, logit_mean=objective.logit_mean, logit_std=objective.logit_std,
+        generator=generator, device=device,
+    )
+    drop = torch.rand(global_batch, generator=generator, device=device) < model_config.class_dropout_prob
+    return noise, tau, drop
+
+
+def combine_terms(terms: dict[str, torch.Tensor], objective: ObjectiveConfig) -> dict[str, torch.Tensor]:
+    """``{"loss": weighted sum of batch means (for backward), each term's batch mean (detached)}``."""
+    weights = {"mse": 1.0, "cos": objective.cos_weight, "repa": objective.repa_weight}
+    out = {"loss": sum(weights[name] * value.mean() for name, value in terms.items())}
+    out.update({name: value.mean().detach() for name, value in terms.items()})
+    return out
+
+
 def sfd_loss(
     model: nn.Module,
     x_data: torch.Tensor,
@@ -117,8 +151,4 @@ def sfd_loss(
         semantic_channels=model_config.semantic_channels, delta_t=model_config.delta_t,
         semantic_weight=objective.semantic_weight,
     )
-    weights = {"mse": 1.0, "cos": objective.cos_weight, "repa": objective.repa_weight}
-    total = sum(weights[name] * value.mean() for name, value in terms.items())
-    out = {"loss": total}
-    out.update({name: value.mean().detach() for name, value in terms.items()})
-    return out
+    return combine_terms(terms, objective)

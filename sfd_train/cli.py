@@ -1,0 +1,46 @@
+"""Console entry points: ``sfd-train`` (train, export) and ``sfd-sample``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def export_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sfd-train export",
+        description="Write a checkpoint's weights in the published form {'model', 'ema', 'config'} "
+        "(loadable by the authors' inference code with strict=True).",
+    )
+    parser.add_argument("checkpoint", help="a checkpoint folder (step_*) or a run folder (its newest complete checkpoint)")
+    parser.add_argument("--out", required=True, help="the .pt file to write")
+    args = parser.parse_args(argv)
+    from sfd_train.engine.checkpoint import CheckpointError
+    from sfd_train.engine.weights import export_published
+
+    try:
+        out = export_published(args.checkpoint, args.out)
+    except CheckpointError as err:
+        print(f"sfd-train export: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "export":
+        return export_main(argv[1:])
+    from sfd_train.train import main
+
+    return main(argv)
+
+
+def sample_main(argv: list[str] | None = None) -> int:
+    from sfd_train.sample import main
+
+    return main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

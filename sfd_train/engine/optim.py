@@ -1,0 +1,43 @@
+"""AdamW and its learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from sfd_train.config.schema import OptimizerConfig
+from sfd_train.engine.device import has_fused_adamw
+
+
+def build_adamw(params: Iterable[torch.nn.Parameter], config: OptimizerConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; fused where the device has the kernel."""
+    fused = {"on": True, "off": False, "auto": has_fused_adamw(device)}[config.fused]
+    return torch.optim.AdamW(
+        [p for p in params if p.requires_grad],
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        fused=fused or None,
+        foreach=None if fused else True,
+    )
+
+
+def lr_factor(step: int, config: OptimizerConfig, max_steps: int) -> float:
+    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based)."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    span = max(1, max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.min_lr_ratio
+    if config.schedule == "cosine":
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1.0 - floor) * (1.0 - progress)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimizerConfig, max_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config, max_steps))

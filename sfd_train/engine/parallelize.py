@@ -1,0 +1,99 @@
+"""Applies parallelism to a built model, in torchtitan's order:
+activation checkpointing -> compile -> sharding (DDP or FSDP2).
+
+DeepSpeed ZeRO lives in :mod:`sfd_train.engine.zero`; both return a
+:class:`~sfd_train.engine.strategy.Strategy`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from sfd_train.config.schema import Config
+from sfd_train.engine.distributed import World
+from sfd_train.engine.optim import build_adamw, build_scheduler
+from sfd_train.engine.strategy import TorchStrategy
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Wraps every block so its activations are recomputed in backward."""
+    for index, block in enumerate(model.blocks):
+        model.blocks[index] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compiles each block in place (``Module.compile`` keeps parameter names unchanged)."""
+    for block in model.blocks:
+        block.compile(fullgraph=False)
+
+
+def apply_fsdp2(model: nn.Module, world: World, config: Config) -> None:
+    """``fully_shard`` per block, then the root (embedders, final layer, REPA projector)."""
+    mesh = init_device_mesh(world.device.type, (world.world_size,))
+    policy = MixedPrecisionPolicy(
+        param_dtype=DTYPES[config.parallel.param_dtype], reduce_dtype=DTYPES[config.parallel.reduce_dtype]
+    )
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=config.parallel.reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=config.parallel.reshard_after_forward)
+
+
+def prepare_blocks(model: nn.Module, config: Config) -> None:
+    """The strategy-independent steps: activation checkpointing, then compile."""
+    if config.parallel.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if config.parallel.compile:
+        apply_compile(model)
+
+
+def make_ema(model: nn.Module, ema_state: dict[str, torch.Tensor] | None) -> nn.Module:
+    """A frozen copy of ``model``, optionally loaded with saved EMA weights."""
+    ema = copy.deepcopy(model).requires_grad_(False)
+    if ema_state is not None:
+        ema.load_state_dict(ema_state, strict=True)
+    return ema.eval()
+
+
+def parallelize_torch(model: nn.Module, world: World, config: Config, uses_repa: bool,
+                      ema_state: dict[str, torch.Tensor] | None = None) -> TorchStrategy:
+    """DDP or FSDP2 around ``model`` (built identically on every rank), with AdamW and the EMA.
+
+    Args:
+        model: the full model on the CPU or the device.
+        uses_repa: whether the loss uses the REPA projection (DDP must know about unused parameters).
+        ema_state: initial EMA weights (fine-tuning); a copy of the model's otherwise.
+    """
+    ema = make_ema(model, ema_state)
+    prepare_blocks(model, config)
+    if config.parallel.strategy == "fsdp2":
+        apply_fsdp2(model, world, config)
+        apply_fsdp2(ema, world, config)
+        model.to(world.device)
+        ema.to(world.device)
+        wrapped: nn.Module = model
+    elif config.parallel.strategy == "ddp":
+        model.to(world.device)
+        ema.to(world.device)
+        has_projector = getattr(model, "repa_depth", None) is not None
+        wrapped = DistributedDataParallel(
+            model,
+            device_ids=[world.device.index] if world.device.type == "cuda" else None,
+            find_unused_parameters=has_projector and not uses_repa,
+        )
+    else:
+        raise ValueError(f"parallelize_torch does not handle parallel.strategy={config.parallel.strategy!r}")
+    optimizer = build_adamw(model.parameters(), config.optimizer, world.device)
+    scheduler = build_scheduler(optimizer, config.optimizer, config.train.max_steps)
+    return TorchStrategy(
+        wrapped=wrapped, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
+        grad_clip=config.train.grad_clip, kind=config.parallel.strategy,
+    )

@@ -1,0 +1,80 @@
+"""Preemption: a signal or a time budget stops every rank at the same step.
+
+SIGUSR2 (Slurm's warning signal) and SIGTERM only set a flag. At each step boundary
+the ranks agree on the flag with one small all-reduce (MAX) on the gloo group, so
+they all save the same step, write the requeue marker and exit with
+:data:`REQUEUE_EXIT_CODE`, which the launchers turn into a requeue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# EX_TEMPFAIL from sysexits.h: "temporary failure, try again". torchrun turns a worker's
+# code into its own exit status 1, so launchers also look for the REQUEUE file below.
+REQUEUE_EXIT_CODE = 75
+REQUEUE_FILE = "REQUEUE"
+
+SIGNALS = {"SIGUSR2": signal.SIGUSR2, "SIGTERM": signal.SIGTERM}
+_REASONS = {0: None, 1: "time limit", 2: "signal"}
+
+
+class PreemptionWatcher:
+    """Watches for stop signals and the wall-time budget.
+
+    Args:
+        time_limit_s: stop once this much wall time has passed since start (0 = never).
+        group: process group for the vote (a gloo group: the flag is a CPU tensor).
+    """
+
+    def __init__(self, time_limit_s: float = 0.0, group: dist.ProcessGroup | None = None):
+        self.time_limit_s = time_limit_s
+        self.group = group
+        self.started = time.monotonic()
+        self.received: str | None = None
+        self._previous = {}
+        for name, signum in SIGNALS.items():
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def local_reason(self) -> int:
+        if self.received is not None:
+            return 2
+        if self.time_limit_s and time.monotonic() - self.started >= self.time_limit_s:
+            return 1
+        return 0
+
+    def should_stop(self) -> str | None:
+        """Agreed across ranks: the reason to stop now, or None. Call at every step boundary."""
+        flag = torch.tensor([self.local_reason()], dtype=torch.int32)
+        if dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        reason = _REASONS[int(flag.item())]
+        if reason == "signal" and self.received:
+            reason = f"signal {self.received}"
+        return reason
+
+
+def write_requeue_marker(run_dir: Path, step: int, reason: str) -> None:
+    """Tells the launcher that this run stopped on purpose and wants to be requeued."""
+    path = Path(run_dir) / REQUEUE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"step": step, "reason": reason, "time": time.time()}))
+    os.replace(tmp, path)
+
+
+def clear_requeue_marker(run_dir: Path) -> None:
+    (Path(run_dir) / REQUEUE_FILE).unlink(missing_ok=True)

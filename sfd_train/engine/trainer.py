@@ -1,0 +1,344 @@
+"""The training loop: wires data, model, parallelism, checkpoints and logging together.
+
+Each concern lives in its own module; this one only decides the order of things.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sfd_train.config import Config, ConfigError, to_dict
+from sfd_train.config.loader import save_config
+from sfd_train.diffusion.objective import LossInputs, combine_terms, draw_global_inputs, loss_terms
+from sfd_train.diffusion.sampler import sample_with_config
+from sfd_train.engine import device as devices
+from sfd_train.engine.checkpoint import CheckpointError, CheckpointManager
+from sfd_train.engine.distributed import World, all_reduce_mean
+from sfd_train.engine.metrics import MetricsLogger, Throughput, format_progress, read_metrics
+from sfd_train.engine.parallelize import parallelize_torch
+from sfd_train.engine.preemption import (
+    REQUEUE_EXIT_CODE,
+    PreemptionWatcher,
+    clear_requeue_marker,
+    write_requeue_marker,
+)
+from sfd_train.engine.visualize import save_loss_plot, save_sample_grid
+from sfd_train.engine.weights import load_initial_weights
+from sfd_train.kernels import build_kernel_ops
+from sfd_train.models import build_model
+from sfd_train.models.flops import training_flops_per_image
+
+logger = logging.getLogger("sfd_train")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf or spiked; the message says when and what to try."""
+
+
+def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    # One generator per optimizer step, seeded from (seed, step) alone: a resumed run
+    # draws exactly what an uninterrupted one would, with no RNG state to carry over.
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1))
+    return generator
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_resumable(saved: dict[str, Any], config: Config, path: Path) -> None:
+    """Refuses a checkpoint whose model differs from this run's (names the keys)."""
+    saved_model = (saved.get("config") or {}).get("model", {})
+    current = to_dict(config.model)
+    differing = sorted(k for k in current if saved_model.get(k) != current[k])
+    if differing:
+        details = ", ".join(f"model.{k}: {saved_model.get(k)!r} in the checkpoint, {current[k]!r} now" for k in differing)
+        raise CheckpointError(f"{path}: incompatible config ({details})")
+
+
+class Trainer:
+    """Builds everything from the config, then :meth:`fit` trains.
+
+    Args:
+        config: the validated job config.
+        world: this rank's place in the process group (see ``init_distributed``).
+    """
+
+    def __init__(self, config: Config, world: World):
+        from sfd_train.data_pipeline.reader import build_loader
+
+        self.config, self.world = config, world
+        self.device = world.device
+        self.run_dir = Path(config.run.output_dir)
+        train = config.train
+        self.accumulation = train.accumulation_steps(world.world_size)
+        self.micro_batch = train.per_rank_batch(world.world_size)
+        torch.manual_seed(train.seed + world.rank)  # per-rank seed for anything not drawn per step
+        random.seed(train.seed + world.rank)
+        np.random.seed(train.seed + world.rank)
+
+        self.loader = build_loader(
+            config.data, global_batch_size=train.global_batch_size, micro_batch_size=self.micro_batch,
+            rank=world.rank, world_size=world.world_size, seed=train.seed,
+            pin_memory=self.device.type != "cpu",
+        )
+        self._check_data_matches_model()
+        self.uses_repa = bool(config.model.use_repa and self.loader.feature_dim and config.objective.repa_weight > 0)
+
+        ops = build_kernel_ops(config.kernels, self.device.type)
+        torch.manual_seed(train.seed)  # the same initial weights on every rank and world size
+        model = build_model(config.model, ops)
+        ema_state = load_initial_weights(model, config.checkpoint.init_from) if config.checkpoint.init_from else None
+        if config.parallel.strategy in ("ddp", "fsdp2"):
+            self.strategy = parallelize_torch(model, world, config, self.uses_repa, ema_state=ema_state)
+        else:
+            from sfd_train.engine.zero import ZeroStrategy
+
+            self.strategy = ZeroStrategy(model, world, config, ema_state=ema_state)
+        self.checkpoints = CheckpointManager(self.run_dir, config.checkpoint, world, self.strategy)
+        self.step = 0
+        self._resume()
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=train.mixed_precision == "bf16")
+        self.watcher = PreemptionWatcher(self._time_limit_s(), group=world.checkpoint_group)
+        self.metrics = MetricsLogger(
+            self.run_dir, world.is_main, config.run.wandb_mode, config.run.wandb_project, config.run.name,
+            to_dict(config),
+        )
+        self.throughput = Throughput(
+            training_flops_per_image(config.model, with_repa=self.uses_repa),
+            devices.peak_flops(self.device), world.world_size,
+        )
+
+    # ------------------------------------------------------------------ set-up
+    def _check_data_matches_model(self) -> None:
+        model = self.config.model
+        texture, semantic = self.loader.channels
+        if (texture + semantic, semantic) != (model.in_channels, model.semantic_channels):
+            raise ConfigError(
+                "model.in_channels",
+                f"the data at {self.config.data.path!r} has {texture} texture + {semantic} semantic channels, "
+                f"the model expects {model.texture_channels} + {model.semantic_channels} "
+                "(set model.in_channels and model.semantic_channels)",
+            )
+        size = self.loader.manifest.latent_size
+        if tuple(size) != (model.input_size, model.input_size):
+            raise ConfigError("model.input_size", f"the data's latents are {size[0]}x{size[1]}, the model expects "
+                                                  f"{model.input_size}x{model.input_size}")
+        features = self.loader.feature_dim
+        if model.use_repa and features and features != model.repa_feature_dim:
+            raise ConfigError("model.repa_feature_dim", f"the data's REPA features have {features} channels, "
+                                                        f"the model projects to {model.repa_feature_dim}")
+
+    def _time_limit_s(self) -> float:
+        from sfd_train.config.schema import parse_duration
+
+        return parse_duration(self.config.run.time_limit) if self.config.run.time_limit else 0.0
+
+    def _resume(self) -> None:
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            clear_requeue_marker(self.run_dir)
+            save_config(self.config, self.run_dir / "config.yaml")
+        if self.config.checkpoint.resume != "auto":
+            return
+        path = self.checkpoints.newest_complete()
+        if path is None:
+            return
+        saved = self.checkpoints.read_train_state(path)
+        check_resumable(saved, self.config, path)
+        rng = self.checkpoints.load(path, saved)
+        self.step = int(saved["step"])
+        self.loader.load_state_dict(saved["data"])
+        if rng is not None:
+            set_rng_state(rng)
+        if self.world.is_main:
+            logger.info(f"resumed from {path} at step {self.step}"
+                        + ("" if rng is not None else f" (written by {saved.get('world_size')} ranks)"))
+
+    def train_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "world_size": self.world.world_size,
+            "strategy": self.config.parallel.strategy,
+            "config": to_dict(self.config),
+            "data": self.loader.state_dict(),
+            "rng": rng_state(),
+        }
+
+    # ------------------------------------------------------------------ the loop
+    def _micro_batch_inputs(self, batch: dict[str, torch.Tensor], draws, micro: int) -> LossInputs:
+        noise, tau, drop = draws
+        start = self.world.rank * self.micro_batch * self.accumulation + micro * self.micro_batch
+        end = start + batch["y"].shape[0]
+        labels = torch.where(drop[start:end], torch.full_like(batch["y"], self.config.model.num_classes), batch["y"])
+        return LossInputs(noise=noise[start:end], tau=tau[start:end], labels=labels)
+
+    def train_step(self, batches) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``accumulation`` micro-batches; returns detached means."""
+        config = self.config
+        sample_shape = (config.model.in_channels, config.model.input_size, config.model.input_size)
+        draws = draw_global_inputs(
+            config.train.global_batch_size, sample_shape, config.model, config.objective,
+            _step_generator(config.train.seed, self.step, self.device), self.device,
+        )
+        totals: dict[str, torch.Tensor] = {}
+        for micro in range(self.accumulation):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+            x = batch["x"]
+            features = batch.get("dino") if self.uses_repa else None
+            last = micro == self.accumulation - 1
+            with self.strategy.accumulate(last):
+                with self.autocast:
+                    terms = loss_terms(
+                        self.strategy.wrapped, x, self._micro_batch_inputs(batch, draws, micro), features,
+                        semantic_channels=config.model.semantic_channels, delta_t=config.model.delta_t,
+                        semantic_weight=config.objective.semantic_weight,
+                    )
+                    out = combine_terms(terms, config.objective)
+                self.strategy.backward(out["loss"], self.accumulation, last)
+            for name, value in out.items():
+                totals[name] = totals.get(name, 0) + value.detach().float() / self.accumulation
+        self.checkpoints.wait_for_staging()  # the weights must not change under a copy in flight
+        totals["grad_norm"] = self.strategy.step().detach().float().to(self.device)
+        self.strategy.update_ema(config.train.ema_decay)
+        self.step += 1
+        return totals
+
+    def fit(self) -> int:
+        """Trains to ``train.max_steps``; returns the process exit code (0, or the requeue code)."""
+        config = self.config
+        batches = iter(self.loader)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        running_loss: float | None = None
+        if self.world.is_main:
+            logger.info(
+                f"training {config.model.name} ({sum(p.numel() for p in self.strategy.model.parameters()) / 1e6:.1f}M "
+                f"params on this rank) with {config.parallel.strategy} on {self.world.world_size} x "
+                f"{devices.device_name(self.device)}: global batch {config.train.global_batch_size} = "
+                f"{self.micro_batch} x {self.world.world_size} ranks x {self.accumulation} accumulation"
+            )
+        while self.step < config.train.max_steps:
+            reason = self.watcher.should_stop()
+            if reason is not None:
+                return self._stop_for_requeue(reason)
+            totals = self.train_step(batches)
+            self.checkpoints.poll()
+            self.throughput.add(config.train.global_batch_size)
+            nonfinite |= ~torch.isfinite(totals["loss"])
+            at_log = self.step % config.train.log_every == 0 or self.step == config.train.max_steps
+            at_save = config.checkpoint.every and self.step % config.checkpoint.every == 0
+            if at_log or at_save:
+                self._check_finite(nonfinite)
+            if at_log:
+                running_loss = self._log(totals, running_loss)
+            if config.train.sample_every and self.step % config.train.sample_every == 0:
+                self.save_samples()
+            if at_save and self.step < config.train.max_steps:
+                self.checkpoints.save(self.step, self.train_state(), wait=not config.checkpoint.async_save)
+        self.checkpoints.save(self.step, self.train_state(), wait=True)
+        self._finish()
+        return 0
+
+    def _check_finite(self, nonfinite: torch.Tensor) -> None:
+        flag = nonfinite.float().reshape(1).cpu()
+        if torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.world.checkpoint_group)
+        if flag.item() > 0:
+            raise TrainingDiverged(
+                f"the loss became NaN or inf before step {self.step}; checkpoints written before that are unaffected "
+                "(the newest is resumed automatically). Try a lower optimizer.lr, train.grad_clip > 0, or "
+                "train.mixed_precision=fp32."
+            )
+
+    def _log(self, totals: dict[str, torch.Tensor], running_loss: float | None) -> float:
+        values = all_reduce_mean({k: v for k, v in totals.items() if k != "grad_norm"})
+        values["grad_norm"] = float(totals["grad_norm"])
+        images_per_s, mfu = self.throughput.read()
+        values.update(images_per_s=images_per_s, mfu=mfu, memory_gib=devices.max_memory_gib(self.device),
+                      lr=self.strategy.lr())
+        if self.loader.bad_samples:
+            values["bad_samples"] = self.loader.bad_samples
+        factor = self.config.train.loss_spike_factor
+        if factor > 0 and running_loss is not None and values["loss"] > factor * running_loss:
+            raise TrainingDiverged(
+                f"loss spike at step {self.step}: {values['loss']:.4f} > {factor} x the running mean "
+                f"{running_loss:.4f} (train.loss_spike_factor); resume from the newest checkpoint with a lower lr"
+            )
+        self.metrics.log(self.step, values, format_progress(self.step, self.config.train.max_steps, values))
+        return values["loss"] if running_loss is None else 0.9 * running_loss + 0.1 * values["loss"]
+
+    def _stop_for_requeue(self, reason: str) -> int:
+        if self.world.is_main:
+            logger.info(f"stopping at step {self.step} ({reason}): saving a checkpoint for the requeue")
+        self.checkpoints.save(self.step, self.train_state(), wait=True)
+        if self.world.is_main:
+            write_requeue_marker(self.run_dir, self.step, reason)
+        torch.distributed.barrier(group=self.world.checkpoint_group)
+        self.close()
+        return REQUEUE_EXIT_CODE
+
+    # ------------------------------------------------------------------ outputs
+    def texture_decoder(self):
+        """The synthetic dataset's decoder (pictures of the texture part), else None."""
+        from sfd_train.data_pipeline import synthetic
+
+        manifest = self.loader.manifest
+        if not str(manifest.provenance.get("source", "")).startswith("synthetic"):
+            return None
+        return lambda texture: synthetic.decode_texture(texture, manifest)
+
+    @torch.no_grad()
+    def save_samples(self) -> Path | None:
+        """A grid of EMA samples (two per class, guidance from ``sampler``); every rank takes part."""
+        config = self.config
+        classes = min(config.model.num_classes, 16)
+        labels = torch.arange(classes, device=self.device).repeat(2)
+        generator = torch.Generator(device=self.device).manual_seed(config.sampler.seed)
+        shape = (len(labels), config.model.in_channels, config.model.input_size, config.model.input_size)
+        noise = torch.randn(shape, generator=generator, device=self.device)
+        ema = self.strategy.ema_for_sampling()
+        with self.autocast:
+            latents = sample_with_config(ema, noise, labels, config.model, config.sampler,
+                                         num_steps=config.train.sample_steps)
+        if not self.world.is_main:
+            return None
+        path = self.run_dir / "samples" / f"step_{self.step:09d}.png"
+        save_sample_grid(latents.float(), config.model.texture_channels, path, columns=classes,
+                         decoder=self.texture_decoder())
+        self.metrics.log_image(self.step, path)
+        logger.info(f"samples: {path}")
+        return path
+
+    def _finish(self) -> None:
+        if self.config.train.sample_every and self.step % self.config.train.sample_every:
+            self.save_samples()  # the final weights' grid, unless the loop just made it
+        if self.world.is_main:
+            plot = save_loss_plot(read_metrics(self.run_dir), self.run_dir / "loss.png")
+            if plot:
+                logger.info(f"loss curve: {plot}")
+        self.close()
+
+    def close(self) -> None:
+        self.checkpoints.close()
+        self.metrics.close()
+        self.watcher.restore()

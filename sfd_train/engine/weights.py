@@ -1,0 +1,93 @@
+"""Weights in and out: starting from a published checkpoint, exporting to one.
+
+The published form is a ``torch.save`` dict ``{"model": ..., "ema": ..., "config": ...}``
+with the parameter names of the released SFD checkpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from sfd_train.config import build_config, to_dict
+from sfd_train.engine.checkpoint import TRAIN_STATE, CheckpointError, newest_complete, verify
+
+
+def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drops prefixes that other trainers leave in names (DDP's ``module.``, compile's ``_orig_mod.``)."""
+    return {k.removeprefix("module.").replace("_orig_mod.", ""): v for k, v in state.items()}
+
+
+def read_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict]:
+    """``(model, ema or None, config)`` from a published ``.pt`` or one of our checkpoints.
+
+    Args:
+        path: a ``.pt`` file (``{"model", "ema"}`` or a bare state dict), a checkpoint
+            folder ``step_*``, or a run folder (its newest complete checkpoint).
+
+    Raises:
+        CheckpointError: the path holds no usable weights; the message says why.
+    """
+    path = Path(path)
+    if path.is_file():
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({err})") from None
+        if isinstance(blob, dict) and "model" in blob:
+            ema = blob.get("ema")
+            return _strip(blob["model"]), (_strip(ema) if ema is not None else None), blob.get("config") or {}
+        if isinstance(blob, dict) and all(torch.is_tensor(v) for v in blob.values()):
+            return _strip(blob), None, {}
+        raise CheckpointError(f"{path}: expected a dict with 'model' (and 'ema') or a state dict")
+    if (path / "checkpoints").is_dir():
+        found = newest_complete(path / "checkpoints")
+        if found is None:
+            raise CheckpointError(f"{path}: no complete checkpoint under {path / 'checkpoints'}")
+        path = found
+    verify(path)
+    train_state = torch.load(path / TRAIN_STATE, weights_only=False)
+    config = train_state["config"]
+    if (path / "weights.pt").is_file():  # DeepSpeed checkpoints carry their full weights
+        weights = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+        return weights["model"], weights["ema"], config
+    from sfd_train.models import build_model
+
+    model = build_model(build_config({"model": config["model"]}).model)
+    template = {"model": model.state_dict(), "ema": {k: v.clone() for k, v in model.state_dict().items()}}
+    dcp.load(template, checkpoint_id=str(path), no_dist=True)
+    return template["model"], template["ema"], config
+
+
+def load_initial_weights(model: nn.Module, path: str) -> dict[str, torch.Tensor] | None:
+    """Loads ``path``'s model weights strictly into ``model``; returns its EMA weights (or None).
+
+    Raises:
+        CheckpointError: the names or shapes do not match this model (says which).
+    """
+    model_state, ema_state, _ = read_checkpoint_weights(path)
+    try:
+        model.load_state_dict(model_state, strict=True)
+        if ema_state is not None:
+            model_copy_check = {k: v.shape for k, v in model.state_dict().items()}
+            wrong = [k for k, v in ema_state.items() if k in model_copy_check and v.shape != model_copy_check[k]]
+            if wrong or set(ema_state) != set(model_copy_check):
+                raise RuntimeError(f"EMA weights do not match the model (e.g. {wrong[:3] or sorted(set(ema_state) ^ set(model_copy_check))[:3]})")
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint.init_from={path}: does not fit this model: {err}") from None
+    return ema_state
+
+
+def export_published(checkpoint: str | Path, out: str | Path) -> Path:
+    """Writes ``{"model", "ema", "config"}`` in the published form from one of our checkpoints."""
+    model_state, ema_state, config = read_checkpoint_weights(checkpoint)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    blob: dict[str, Any] = {"model": model_state, "ema": ema_state if ema_state is not None else model_state,
+                            "config": config}
+    torch.save(blob, out)
+    return out
