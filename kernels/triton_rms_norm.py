@@ -15,11 +15,12 @@ the shift on and off):
   three leading dimensions are addressed with their own strides, so no copy is made.
 
 Two entry points wrap the kernels with identical numerics:
-- the custom ops ``torch.ops.sfd_kernels.rms_norm_fwd/bwd`` (``torch.library.custom_op``
-  with fake implementations and autograd registered), which ``torch.compile`` captures
-  without a graph break;
+- the custom ops ``torch.ops.sfd_kernels.rms_norm_fwd/bwd`` with autograd registered, which
+  ``torch.compile`` captures without a graph break (``torch.library.triton_op`` on real
+  Triton, so Inductor launches the kernels from its own code; ``custom_op`` with a fake
+  implementation under the Triton interpreter, whose launches cannot be traced);
 - a plain ``torch.autograd.Function`` used in eager mode, where the custom-op dispatch
-  would add tens of microseconds per call for a kernel that takes about as long.
+  adds Python overhead per call to a kernel of tens of microseconds.
 
 Output dtype: under autocast the kernels write the autocast dtype (every consumer of a
 norm in the model is a Linear or SDPA, which would cast to it anyway, so this saves a
@@ -27,6 +28,9 @@ full read and write of the activation); otherwise x's dtype. The reference retur
 promoted dtype of x and the weight; values agree within the dtype's rounding.
 """
 
+import functools
+import inspect
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -48,6 +52,7 @@ def _rms_norm_fwd_kernel(
     HAS_SCALE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
@@ -59,6 +64,9 @@ def _rms_norm_fwd_kernel(
     i1 = (rows // size2) % size1
     i0 = rows // (size2 * size1)
     x_off = i0.to(tl.int64) * stride0 + i1.to(tl.int64) * stride1 + i2.to(tl.int64) * stride2
+    # Row starts are multiples of ALIGN elements (checked by the launcher): lets Triton use
+    # 16-byte loads/stores even when D (72 for XL's heads) is not a multiple of 16.
+    x_off = tl.multiple_of(x_off, ALIGN)
     x = tl.load(X + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
     y = x * rstd[:, None]
@@ -71,7 +79,7 @@ def _rms_norm_fwd_kernel(
         y = y * (1.0 + scale)
         if HAS_SHIFT:
             y = y + tl.load(SHIFT + mod_off, mask=mask, other=0.0).to(tl.float32)
-    y_off = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    y_off = tl.multiple_of(rows.to(tl.int64) * D, ALIGN)[:, None] + cols[None, :]
     tl.store(Y + y_off, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
@@ -81,11 +89,13 @@ def _rms_norm_bwd_kernel(
     DY, X, W, SCALE, RSTD, DX, DW_PART, DSHIFT_PART, DSCALE_PART,
     rows_per_sample, D, rows_per_program,
     size1, size2, stride0, stride1, stride2,
+    TILES_PER_PROGRAM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     # Program (b, s) owns rows [s * rows_per_program, (s + 1) * rows_per_program) of sample b.
     sample = tl.program_id(0)
@@ -102,16 +112,19 @@ def _rms_norm_bwd_kernel(
     dw_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dshift_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dscale_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for start in range(first, last, BLOCK_ROWS):
-        rows = start + tl.arange(0, BLOCK_ROWS)
+    # A constexpr trip count: Triton 3.6's interpreter cannot loop over a runtime scalar
+    # (one compiled variant per count; training shapes give one or two).
+    for tile in range(0, TILES_PER_PROGRAM):
+        rows = first + tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_mask = rows < last
         mask = row_mask[:, None] & col_mask[None, :]
         i2 = rows % size2
         i1 = (rows // size2) % size1
         i0 = rows // (size2 * size1)
         x_off = i0.to(tl.int64) * stride0 + i1.to(tl.int64) * stride1 + i2.to(tl.int64) * stride2
+        x_off = tl.multiple_of(x_off, ALIGN)
         x = tl.load(X + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dense_off = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        dense_off = tl.multiple_of(rows.to(tl.int64) * D, ALIGN)[:, None] + cols[None, :]
         dy = tl.load(DY + dense_off, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
         xhat = x * rstd[:, None]
@@ -143,6 +156,7 @@ def _rms_norm_bwd_kernel(
 # --------------------------------------------------------------------------- launchers
 
 
+@functools.lru_cache(maxsize=None)
 def _tile(D: int) -> Tuple[int, int, int]:
     """``(BLOCK_D, BLOCK_ROWS, num_warps)``: about 4K fp32 values per program.
 
@@ -189,6 +203,24 @@ def _as_kernel_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _alignment(x: torch.Tensor, D: int, strides, dense: tuple) -> int:
+    """Largest power of two (at most one 16-byte vector) dividing every row start, in elements.
+
+    Row starts of x are sums of its strides; those of the dense (rows, D) tensors are
+    multiples of D. Base pointers must be 16-byte aligned too: allocations are, so a view
+    is when its storage offset is (read from the offset, not ``data_ptr()``, so that
+    fake tensors can be traced).
+    """
+    align = 16 // max(t.element_size() for t in (x, *dense))
+    for value in (int(D), *(int(s) for s in strides if int(s) != 0)):
+        while value % align:
+            align //= 2
+    for t in (x, *dense):
+        if (int(t.storage_offset()) * t.element_size()) % 16:
+            return 1
+    return max(align, 1)
+
+
 _SM_COUNT: dict = {}
 
 
@@ -202,17 +234,22 @@ def _target_programs(device: torch.device) -> int:
     return 4 * _SM_COUNT[index]
 
 
+def _direct(kernel):
+    return kernel
+
+
 def _fwd(
     x: torch.Tensor, weight: Optional[torch.Tensor], shift: Optional[torch.Tensor],
-    scale: Optional[torch.Tensor], eps: float, out_dtype: torch.dtype,
+    scale: Optional[torch.Tensor], eps: float, out_dtype: torch.dtype, launch=_direct,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    x = _as_kernel_input(x)  # no-op on the public path; guards direct calls of the custom op
     D = x.shape[-1]
     rows, sizes, strides = _leading_dims(x)
     rows_per_sample = x.shape[1] if scale is not None else 1
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    block_d, block_rows, num_warps = _tile(D)
-    _rms_norm_fwd_kernel[(triton.cdiv(rows, block_rows),)](
+    block_d, block_rows, num_warps = _tile(int(D))
+    launch(_rms_norm_fwd_kernel)[(triton.cdiv(rows, block_rows),)](
         x, weight, shift, scale, y, rstd,
         rows, D, rows_per_sample,
         sizes[1], sizes[2], strides[0], strides[1], strides[2],
@@ -222,6 +259,7 @@ def _fwd(
         HAS_SCALE=scale is not None,
         BLOCK_ROWS=block_rows,
         BLOCK_D=block_d,
+        ALIGN=_alignment(x, D, strides, (y,)),
         num_warps=num_warps,
     )
     return y, rstd
@@ -229,8 +267,9 @@ def _fwd(
 
 def _bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], has_shift: bool,
-    scale: Optional[torch.Tensor], rstd: torch.Tensor,
+    scale: Optional[torch.Tensor], rstd: torch.Tensor, launch=_direct,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = _as_kernel_input(x)
     D = x.shape[-1]
     rows, sizes, strides = _leading_dims(x)
     dy = dy.contiguous()
@@ -238,8 +277,11 @@ def _bwd(
         samples, rows_per_sample = x.shape[0], x.shape[1]
     else:
         samples, rows_per_sample = 1, rows
-    block_d, block_rows, num_warps = _tile(D)
-    splits = max(1, min(triton.cdiv(rows_per_sample, block_rows), _target_programs(x.device) // samples))
+    block_d, block_rows, num_warps = _tile(int(D))
+    # Enough programs to keep the memory system busy: a few waves over the SMs, and for
+    # narrow rows (q/k norms) at most ~4 tiles per program; partial sums stay small.
+    target = max(_target_programs(x.device), triton.cdiv(rows, 4 * block_rows))
+    splits = max(1, min(triton.cdiv(rows_per_sample, block_rows), target // samples))
     rows_per_program = triton.cdiv(triton.cdiv(rows_per_sample, splits), block_rows) * block_rows
     splits = triton.cdiv(rows_per_sample, rows_per_program)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -248,15 +290,17 @@ def _bwd(
     dw_part = x.new_empty(parts, dtype=torch.float32) if weight is not None else empty
     dshift_part = x.new_empty(parts, dtype=torch.float32) if has_shift else empty
     dscale_part = x.new_empty(parts, dtype=torch.float32) if scale is not None else empty
-    _rms_norm_bwd_kernel[(samples, splits)](
+    launch(_rms_norm_bwd_kernel)[(samples, splits)](
         dy, x, weight, scale, rstd, dx, dw_part, dshift_part, dscale_part,
         rows_per_sample, D, rows_per_program,
         sizes[1], sizes[2], strides[0], strides[1], strides[2],
+        TILES_PER_PROGRAM=rows_per_program // block_rows,
         HAS_WEIGHT=weight is not None,
         HAS_SHIFT=has_shift,
         HAS_SCALE=scale is not None,
         BLOCK_ROWS=block_rows,
         BLOCK_D=block_d,
+        ALIGN=_alignment(x, D, strides, (dy, dx)),
         num_warps=num_warps,
     )
     # Finish the reductions; empty tensors stand for "no such input" (custom ops cannot return None).
@@ -267,12 +311,60 @@ def _bwd(
 
 
 # --------------------------------------------------------------------------- custom ops (torch.compile)
-# ``custom_op`` with a hand-written fake, not ``triton_op``: the latter traces the launch
-# itself, which the Triton interpreter (our CPU tests) cannot do, so the tested path and
-# the GPU path would differ. Inductor calls the op as one opaque kernel either way.
 
 
-@torch.library.custom_op("sfd_kernels::rms_norm_fwd", mutates_args=())
+def register_op(name: str, fake):
+    """Registers a Triton-launching function as a custom op that torch.compile captures whole.
+
+    With real Triton (CUDA) it is a ``torch.library.triton_op``: Inductor traces the body
+    and emits the kernel launches in its own generated code, so a compiled block pays no
+    custom-op dispatch per call. Under the Triton interpreter (CPU tests) the launch cannot
+    be traced, so it is a plain ``custom_op`` with the hand-written ``fake``. The kernels
+    and launchers are the same either way. Returns a decorator; the decorated function
+    takes a ``launch`` keyword (``wrap_triton`` or the identity).
+    """
+
+    def decorate(fn):
+        traceable = hasattr(torch.library, "triton_op") and not interpreted()
+        if traceable:
+            from torch.library import triton_op, wrap_triton
+
+            launch = wrap_triton
+        else:
+            launch = _direct
+
+        def op_fn(*args):
+            return fn(*args, launch=launch)
+
+        op_fn.__signature__ = _positional_signature(fn)
+        op_fn.__name__ = fn.__name__
+        op_fn.__doc__ = fn.__doc__
+        if traceable:
+            return triton_op(name, op_fn, mutates_args=())
+        op = torch.library.custom_op(name, op_fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+
+    return decorate
+
+
+def interpreted() -> bool:
+    """True under TRITON_INTERPRET=1: the kernels run as Python, with no compiled launch to trace."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return True
+    return not isinstance(_rms_norm_fwd_kernel, triton.runtime.jit.JITFunction)
+
+
+def _positional_signature(fn) -> inspect.Signature:
+    sig = inspect.signature(fn)
+    return sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "launch"])
+
+
+def _rms_norm_fwd_fake(x, weight, shift, scale, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@register_op("sfd_kernels::rms_norm_fwd", _rms_norm_fwd_fake)
 def rms_norm_fwd_op(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -280,30 +372,12 @@ def rms_norm_fwd_op(
     scale: Optional[torch.Tensor],
     eps: float,
     out_dtype: torch.dtype,
+    launch=_direct,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward: ``(y, rstd)``. x must be addressable by the kernel (see ``_as_kernel_input``)."""
-    return _fwd(x, weight, shift, scale, eps, out_dtype)
+    """Forward: ``(y, rstd)``."""
+    return _fwd(x, weight, shift, scale, eps, out_dtype, launch)
 
 
-@rms_norm_fwd_op.register_fake
-def _rms_norm_fwd_fake(x, weight, shift, scale, eps, out_dtype):
-    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
-
-
-@torch.library.custom_op("sfd_kernels::rms_norm_bwd", mutates_args=())
-def rms_norm_bwd_op(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    has_shift: bool,
-    scale: Optional[torch.Tensor],
-    rstd: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: ``(dx, dweight, dshift, dscale)``; an absent input gets an empty tensor."""
-    return _bwd(dy, x, weight, has_shift, scale, rstd)
-
-
-@rms_norm_bwd_op.register_fake
 def _rms_norm_bwd_fake(dy, x, weight, has_shift, scale, rstd):
     none = x.new_empty(0)
     return (
@@ -312,6 +386,20 @@ def _rms_norm_bwd_fake(dy, x, weight, has_shift, scale, rstd):
         scale.new_empty(scale.shape) if has_shift else none,
         scale.new_empty(scale.shape) if scale is not None else none,
     )
+
+
+@register_op("sfd_kernels::rms_norm_bwd", _rms_norm_bwd_fake)
+def rms_norm_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    has_shift: bool,
+    scale: Optional[torch.Tensor],
+    rstd: torch.Tensor,
+    launch=_direct,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: ``(dx, dweight, dshift, dscale)``; an absent input gets an empty tensor."""
+    return _bwd(dy, x, weight, has_shift, scale, rstd, launch)
 
 
 def _setup_context(ctx, inputs, output):

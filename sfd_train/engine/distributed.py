@@ -10,18 +10,25 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from sfd_train.engine import device as devices
+from sfd_train import device as devices
 
 
 @dataclass
 class World:
-    """Where this process sits. ``checkpoint_group`` is a gloo group for checkpoint I/O."""
+    """Where this process sits.
+
+    Two gloo groups carry CPU-side collectives: ``checkpoint_group`` is used by the
+    background thread of asynchronous saves, ``control_group`` by the main thread
+    (preemption vote, NaN check). Collectives from two threads on one group could
+    interleave differently on different ranks and deadlock.
+    """
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
     checkpoint_group: dist.ProcessGroup | None = None
+    control_group: dist.ProcessGroup | None = None
 
     @property
     def is_main(self) -> bool:
@@ -62,7 +69,8 @@ def init_distributed(device_type: str, backend: str = "auto", timeout_minutes: f
             device_id=device if device.type == "cuda" else None,
         )
     checkpoint_group = dist.new_group(backend="gloo")
-    return World(rank, world_size, local_rank, device, checkpoint_group)
+    control_group = dist.new_group(backend="gloo")
+    return World(rank, world_size, local_rank, device, checkpoint_group, control_group)
 
 
 def shutdown() -> None:

@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 
 from sfd_train.config.schema import OptimizerConfig
-from sfd_train.engine.device import has_fused_adamw
+from sfd_train.device import has_fused_adamw
 
 
 def build_adamw(params: Iterable[torch.nn.Parameter], config: OptimizerConfig, device: torch.device) -> torch.optim.AdamW:

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-# EX_TEMPFAIL from sysexits.h: "temporary failure, try again". torchrun turns a worker's
-# code into its own exit status 1, so launchers also look for the REQUEUE file below.
-REQUEUE_EXIT_CODE = 75
-REQUEUE_FILE = "REQUEUE"
+from sfd_train.launchers.contract import PREEMPTION_SIGNALS, REQUEUE_EXIT_CODE, REQUEUE_FILENAME
 
-SIGNALS = {"SIGUSR2": signal.SIGUSR2, "SIGTERM": signal.SIGTERM}
+# The numbers are the launchers' contract (sysexits' EX_TEMPFAIL, a marker file,
+# because torchrun turns a worker's exit code into its own status 1).
+REQUEUE_FILE = REQUEUE_FILENAME
+SIGNALS = {name: getattr(signal, name) for name in PREEMPTION_SIGNALS}
 _REASONS = {0: None, 1: "time limit", 2: "signal"}
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 from sfd_train.config import Config
-from sfd_train.engine import device as devices
+from sfd_train import device as devices
 from sfd_train.engine.distributed import init_distributed, shutdown
 
 logger = logging.getLogger("sfd_train")
@@ -13,6 +14,9 @@ logger = logging.getLogger("sfd_train")
 
 def run_training(config: Config) -> int:
     """Trains with ``config`` on this process's rank; returns the exit code."""
+    # The model returns a reshaped (view) velocity; nothing modifies it in place, which
+    # is what this FSDP2 warning is about.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     device_type = devices.detect_device_type(config.run.device)
     if device_type == "npu":
         devices.enable_mindspeed_if_requested()

@@ -19,7 +19,7 @@ from sfd_train.config import Config, ConfigError, to_dict
 from sfd_train.config.loader import save_config
 from sfd_train.diffusion.objective import LossInputs, combine_terms, draw_global_inputs, loss_terms
 from sfd_train.diffusion.sampler import sample_with_config
-from sfd_train.engine import device as devices
+from sfd_train import device as devices
 from sfd_train.engine.checkpoint import CheckpointError, CheckpointManager
 from sfd_train.engine.distributed import World, all_reduce_mean
 from sfd_train.engine.metrics import MetricsLogger, Throughput, format_progress, read_metrics
@@ -119,7 +119,7 @@ class Trainer:
         self.step = 0
         self._resume()
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=train.mixed_precision == "bf16")
-        self.watcher = PreemptionWatcher(self._time_limit_s(), group=world.checkpoint_group)
+        self.watcher = PreemptionWatcher(self._time_limit_s(), group=world.control_group)
         self.metrics = MetricsLogger(
             self.run_dir, world.is_main, config.run.wandb_mode, config.run.wandb_project, config.run.name,
             to_dict(config),
@@ -262,7 +262,7 @@ class Trainer:
     def _check_finite(self, nonfinite: torch.Tensor) -> None:
         flag = nonfinite.float().reshape(1).cpu()
         if torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.world.checkpoint_group)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.world.control_group)
         if flag.item() > 0:
             raise TrainingDiverged(
                 f"the loss became NaN or inf before step {self.step}; checkpoints written before that are unaffected "
@@ -293,7 +293,7 @@ class Trainer:
         self.checkpoints.save(self.step, self.train_state(), wait=True)
         if self.world.is_main:
             write_requeue_marker(self.run_dir, self.step, reason)
-        torch.distributed.barrier(group=self.world.checkpoint_group)
+        torch.distributed.barrier(group=self.world.control_group)
         self.close()
         return REQUEUE_EXIT_CODE
 

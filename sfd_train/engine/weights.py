@@ -72,13 +72,17 @@ def load_initial_weights(model: nn.Module, path: str) -> dict[str, torch.Tensor]
     model_state, ema_state, _ = read_checkpoint_weights(path)
     try:
         model.load_state_dict(model_state, strict=True)
-        if ema_state is not None:
-            model_copy_check = {k: v.shape for k, v in model.state_dict().items()}
-            wrong = [k for k, v in ema_state.items() if k in model_copy_check and v.shape != model_copy_check[k]]
-            if wrong or set(ema_state) != set(model_copy_check):
-                raise RuntimeError(f"EMA weights do not match the model (e.g. {wrong[:3] or sorted(set(ema_state) ^ set(model_copy_check))[:3]})")
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint.init_from={path}: does not fit this model: {err}") from None
+    if ema_state is not None:
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        extra_or_missing = sorted(set(ema_state) ^ set(expected))
+        wrong_shape = sorted(k for k, v in ema_state.items() if k in expected and v.shape != expected[k])
+        if extra_or_missing or wrong_shape:
+            raise CheckpointError(
+                f"checkpoint.init_from={path}: its EMA does not fit this model "
+                f"(names: {extra_or_missing[:3]}, shapes: {wrong_shape[:3]})"
+            )
     return ema_state
 
 

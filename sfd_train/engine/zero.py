@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sfd_train.config.schema import Config
-from sfd_train.engine.device import deepspeed_accelerator
+from sfd_train.device import deepspeed_accelerator
 from sfd_train.engine.distributed import World
 from sfd_train.engine.optim import build_adamw, build_scheduler
 from sfd_train.engine.parallelize import make_ema, prepare_blocks

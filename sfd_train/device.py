@@ -1,4 +1,4 @@
-"""Everything that depends on the accelerator, in one place.
+"""Everything that depends on the accelerator, in one place (kernels and engine ask here).
 
 CUDA, Ascend NPU (through ``torch_npu``, imported lazily and only here) and CPU.
 The rest of the engine asks this module for the device, the collective backend,
@@ -7,8 +7,8 @@ memory figures and the peak FLOP rate, and never branches on the device itself.
 
 from __future__ import annotations
 
-import functools
 import importlib
+import importlib.util
 import os
 import resource
 import sys
@@ -35,14 +35,16 @@ PEAK_BF16_FLOPS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
 def npu_available() -> bool:
-    """True when torch_npu imports and sees an NPU (needs the CANN runtime)."""
+    """torch_npu imports and sees an Ascend device (torch_npu is imported only if installed)."""
     try:
-        importlib.import_module("torch_npu")
-    except Exception:  # torch_npu raises various errors without CANN
+        if importlib.util.find_spec("torch_npu") is None:
+            return False
+        importlib.import_module("torch_npu")  # registers torch.npu
+    except Exception:  # a broken CANN install: treat as no NPU, the caller reports it
         return False
-    return bool(getattr(torch, "npu", None) and torch.npu.is_available())
+    npu = getattr(torch, "npu", None)
+    return bool(npu is not None and npu.is_available())
 
 
 def detect_device_type(requested: str = "auto") -> str:
@@ -86,7 +88,9 @@ def local_device(device_type: str, local_rank: int) -> torch.device:
 
 def enable_mindspeed_if_requested() -> None:
     """Imports MindSpeed's adaptor when SFD_ENABLE_MINDSPEED=1 (set by the Ascend launcher)."""
-    if os.environ.get("SFD_ENABLE_MINDSPEED") == "1":
+    from sfd_train.launchers.contract import MINDSPEED_ENV
+
+    if os.environ.get(MINDSPEED_ENV) == "1":
         try:
             importlib.import_module("mindspeed.megatron_adaptor")
         except ImportError as err:

@@ -1,0 +1,190 @@
+"""``sfd-data``: write, convert, check and describe composite-latent datasets.
+
+Exit status: 0 on success, 1 when ``inspect`` finds a problem, 2 on an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shlex
+import sys
+from typing import Any, Sequence
+
+from sfd_train.data_pipeline.errors import DataError
+
+logger = logging.getLogger("sfd-data")
+
+
+def _storage_options(items: Sequence[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise DataError(f"--storage-option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    return shlex.join(["sfd-data", *args.argv])
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from sfd_train.data_pipeline.synthetic import write_synthetic_dataset  # noqa: PLC0415 - keeps --help fast
+
+    m = write_synthetic_dataset(
+        args.out, args.num_samples, seed=args.seed, shard_size=args.shard_size, with_features=not args.no_features,
+        storage_dtype=args.dtype, workers=args.workers, progress=not args.quiet, command=_command_line(args),
+    )
+    print(f"wrote {m.num_samples} samples in {len(m.shards)} shards to {args.out}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from sfd_train.data_pipeline.convert import convert_published  # noqa: PLC0415
+
+    m = convert_published(
+        args.from_published, args.out, shard_size=args.shard_size, seed=args.seed, shuffle=not args.no_shuffle,
+        workers=args.workers, storage_dtype=args.dtype, with_features=not args.no_features,
+        num_classes=args.num_classes, command=_command_line(args), progress=not args.quiet,
+    )
+    print(f"wrote {m.num_samples} samples in {len(m.shards)} shards to {args.out}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from sfd_train.data_pipeline.check import compute_dataset_stats  # noqa: PLC0415
+    from sfd_train.data_pipeline.manifest import read_manifest, write_manifest  # noqa: PLC0415
+    from sfd_train.data_pipeline.storage import is_url  # noqa: PLC0415
+
+    options = _storage_options(args.storage_option)
+    if args.write and is_url(args.path):
+        raise DataError("--write needs a local folder (rewrite the manifest locally and upload it)")
+    stats = compute_dataset_stats(args.path, options, workers=args.workers, progress=not args.quiet)
+    print(json.dumps(stats, indent=1))
+    if stats["skipped"]:
+        logger.warning("%d bad samples were left out of the statistics; run `sfd-data inspect` for details", stats["skipped"])
+    if args.write:
+        manifest = read_manifest(args.path, options)
+        manifest = dataclasses.replace(
+            manifest,
+            stats={part: stats[part] for part in ("texture", "semantic")},
+            stats_source=f"sfd-data stats over {stats['count']} non-flipped samples (per channel over samples, H, W; unbiased std)",
+        )
+        write_manifest(manifest, args.path)
+        logger.info("statistics written to %s/manifest.json", args.path)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from sfd_train.data_pipeline.check import check_dataset  # noqa: PLC0415
+    from sfd_train.data_pipeline.manifest import read_manifest  # noqa: PLC0415
+
+    options = _storage_options(args.storage_option)
+    if args.no_check:
+        m = read_manifest(args.path, options)
+        report = {"path": args.path, "ok": None, "num_samples": m.num_samples, "num_shards": len(m.shards),
+                  "shapes": {k: list(v) for k, v in m.shapes.items()}, "storage_dtype": m.storage_dtype, "manifest": m.to_dict()}
+    else:
+        report = check_dataset(args.path, options, workers=args.workers, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        _print_report(report)
+    return 1 if report["ok"] is False else 0
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    m = report["manifest"]
+    print(f"dataset        {report['path']}")
+    print(f"samples        {report['num_samples']} in {report['num_shards']} shards ({m['shard_pattern']})")
+    print(f"classes        {m['num_classes']}")
+    print(f"storage dtype  {report['storage_dtype']}")
+    for name, shape in report["shapes"].items():
+        print(f"  {name:<15}{'x'.join(map(str, shape))}")
+    print(f"statistics     {(m.get('stats') or {}).get('source', 'none')}")
+    print(f"source         {m['provenance'].get('source', '?')}")
+    if report["ok"] is None:
+        return
+    print(f"check          {'OK' if report['ok'] else 'FAILED'}: {report['samples_found']} samples found, {report['bad_samples']} bad")
+    for err in report["errors"]:
+        print(f"  {err}")
+    for shard in report["shards"]:
+        for err in shard["errors"]:
+            print(f"  {err}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sfd-data",
+        description="Composite-latent datasets for SFD training: tar shards plus manifest.json (format: docs/data.md).",
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write the built-in synthetic dataset (coloured shapes, 10 classes, 8x8 latents)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num-samples", type=int, default=4096, help="samples to write (default 4096)")
+    p.add_argument("--shard-size", type=int, default=1024, help="samples per shard (default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pictures and of the storage order")
+    p.add_argument("--no-features", action="store_true", help="leave out the REPA-like features")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="storage dtype")
+    p.add_argument("--workers", type=int, default=1, help="writer processes")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_synth)
+
+    p = sub.add_parser("convert", help="convert the published imagenet1k-latents safetensors layout into shards (resumable)")
+    p.add_argument("--from-published", required=True, metavar="DIR", help="folder of *.safetensors files (+ latents_stats.pt, latents_sv_stats.pt)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the storage permutation")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the source order (the reader then reads in a full random order, slower)")
+    p.add_argument("--dtype", choices=["auto", "float16", "bfloat16"], default="auto", help="storage dtype (auto: bfloat16 sources stay bfloat16, others float16)")
+    p.add_argument("--no-features", action="store_true", help="leave out feats_dino / feats_dino_flip")
+    p.add_argument("--num-classes", type=int, default=None, help="number of classes (default: largest label + 1)")
+    p.add_argument("--workers", type=int, default=1, help="writer processes")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("stats", help="compute per-channel mean/std of the texture and semantic latents")
+    p.add_argument("path", help="dataset folder or URL")
+    p.add_argument("--write", action="store_true", help="record them in manifest.json (local folders)")
+    p.add_argument("--workers", type=int, default=2, help="shards read in parallel")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help="fsspec option for URLs (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_stats)
+
+    p = sub.add_parser("inspect", help="show the manifest and check every shard (exit status 1 if a check fails)")
+    p.add_argument("path", help="dataset folder or URL")
+    p.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    p.add_argument("--no-check", action="store_true", help="only read the manifest")
+    p.add_argument("--workers", type=int, default=2, help="shards read in parallel")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help="fsspec option for URLs (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.fn(args)
+    except DataError as err:
+        print(f"sfd-data {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"sfd-data {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Per-node launcher of an sfd-train run, written by `sfd-launch slurm`
+# (re-running sfd-launch rewrites it).
+#
+# Starts one torchrun agent for the 8 worker(s) of this node and turns the
+# preemption signals SIGUSR2 and SIGTERM into "checkpoint, then stop for a requeue".
+# The same file serves every node; what differs between nodes comes from the
+# environment (static rendezvous):
+#   SFD_NNODES       nodes in the job (default 2)
+#   SFD_NODE_RANK    rank of this node, for static rendezvous (default $SLURM_NODEID, else 0)
+#   SFD_MASTER_ADDR  host of node 0, where the rendezvous runs (default 127.0.0.1)
+#   SFD_MASTER_PORT  rendezvous port (default 29500)
+#   SFD_RDZV_ID      id of a c10d rendezvous (default $SLURM_JOB_ID)
+# Exit status: torchrun's, but 0 when the trainer stopped for a requeue (its REQUEUE
+# file exists, so the checkpoint is complete), and 78 when this node's
+# set-up is unusable (a retry would fail the same way).
+
+# Not `set -e`: the exit status of `wait` is information here, not an error.
+set -uo pipefail
+
+readonly WORKDIR=/work/sfd
+readonly OUTPUT_DIR=/scratch/sfd/runs/slurm_ascend_rank_table
+readonly REQUEUE_FILE="$OUTPUT_DIR/REQUEUE"
+readonly SETUP_ERROR_FILE=/scratch/sfd/runs/slurm_ascend_rank_table/launch/SETUP_ERROR
+readonly SETUP_ERROR=78
+readonly PYTHON=python
+readonly TORCHRUN=torchrun
+NNODES="${SFD_NNODES:-2}"
+NODE_RANK="${SFD_NODE_RANK:-${SLURM_NODEID:-0}}"
+MASTER_ADDR="${SFD_MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${SFD_MASTER_PORT:-29500}"
+
+log() { printf '[sfd-launch %s %s node %s] %s\n' "$(date '+%F %T')" "$HOSTNAME" "$NODE_RANK" "$*"; }
+
+# A broken node set-up: say why, leave a note for the batch script (srun's exit
+# status no longer tells once --kill-on-bad-exit has stopped the other nodes), stop.
+die() {
+  log "error: $*" >&2
+  printf '%s node %s: %s\n' "$HOSTNAME" "$NODE_RANK" "$*" >>"$SETUP_ERROR_FILE" 2>/dev/null
+  exit "$SETUP_ERROR"
+}
+
+cd "$WORKDIR" || die "cannot enter the working directory $WORKDIR"
+
+# ---- Ascend CANN environment ----
+CANN_CANDIDATES=(/usr/local/Ascend/ascend-toolkit/set_env.sh /usr/local/Ascend/cann/set_env.sh)
+CANN_SET_ENV=""
+for candidate in "${CANN_CANDIDATES[@]}"; do
+  if [ -f "$candidate" ]; then
+    CANN_SET_ENV=$candidate
+    break
+  fi
+done
+if [ -z "$CANN_SET_ENV" ]; then
+  die 'no CANN environment on this node: tried /usr/local/Ascend/ascend-toolkit/set_env.sh /usr/local/Ascend/cann/set_env.sh (install the CANN toolkit, or point launcher.ascend.cann_set_env at its set_env.sh)'
+fi
+# set_env.sh reads variables that may be unset.
+set +u
+# shellcheck source=/dev/null
+source "$CANN_SET_ENV" || die "sourcing $CANN_SET_ENV failed"
+set -u
+log "CANN environment: $CANN_SET_ENV"
+
+# ---- network interface for the bootstrap sockets (launcher.socket_ifname) ----
+export HCCL_SOCKET_IFNAME=enp189s0f0
+export GLOO_SOCKET_IFNAME=enp189s0f0
+
+# ---- HCCL and NPU runtime (launcher.ascend) ----
+export HCCL_CONNECT_TIMEOUT=1200
+export HCCL_EXEC_TIMEOUT=1800
+export HCCL_WHITELIST_DISABLE=1
+export ASCEND_RT_VISIBLE_DEVICES="${ASCEND_RT_VISIBLE_DEVICES:-0,1,2,3,4,5,6,7}"
+export TASK_QUEUE_ENABLE=2
+export CPU_AFFINITY_CONF=1
+export COMBINED_ENABLE=1
+export PYTORCH_NPU_ALLOC_CONF=expandable_segments:True
+# Table-based HCCL set-up; ranks are static (node rank x devices + local rank).
+export RANK_TABLE_FILE=/shared/ranktable.json
+[ -f "$RANK_TABLE_FILE" ] || die "rank table $RANK_TABLE_FILE not found (launcher.ascend.rank_table_file)"
+
+# ---- what runs where: one block per node in the log ----
+readonly VERSIONS_PY='import importlib.metadata as md, platform, sys
+prefixes = ("torch", "deepspeed", "sfd", "mindspeed", "triton", "apex", "numpy", "nvidia-nccl")
+found = sorted((d.metadata["Name"] or "?", d.version) for d in md.distributions()
+               if (d.metadata["Name"] or "").lower().startswith(prefixes))
+print("python", platform.python_version(), sys.executable)
+print(" ".join(f"{n}=={v}" for n, v in found))'
+command -v "$TORCHRUN" >/dev/null 2>&1 ||
+  die "torchrun not found ($TORCHRUN): activate its environment in launcher.env_setup or set launcher.torchrun"
+log "node $NODE_RANK of $NNODES, rendezvous $MASTER_ADDR:$MASTER_PORT, torchrun: $(command -v "$TORCHRUN")"
+"$PYTHON" -c "$VERSIONS_PY" 2>&1 | sed 's/^/  /' || log "warning: cannot list package versions with $PYTHON"
+env | grep -E '^(CUDA_VISIBLE_DEVICES|NCCL_|GLOO_|HCCL_|ASCEND_|RANK_TABLE_FILE|TASK_QUEUE_ENABLE|CPU_AFFINITY_CONF|PYTORCH_|COMBINED_ENABLE|OMP_NUM_THREADS|SFD_)' | sort | sed 's/^/  /' || true
+if command -v npu-smi >/dev/null 2>&1; then
+  npu-smi info 2>&1 | sed 's/^/  /'
+fi
+
+# ---- training ----
+TORCHRUN_PID=""
+PREEMPTED=""
+
+# Direct children of process $1, read from /proc (no procps needed in containers).
+# shellcheck disable=SC2329  # called from forward_preemption
+child_pids() {
+  local stat line ppid
+  for stat in /proc/[0-9]*/stat; do
+    read -r line 2>/dev/null <"$stat" || continue
+    # The command name may hold spaces and ')': the fields we need follow its last ')'.
+    read -r _ ppid _ <<<"${line##*) }"
+    if [ "$ppid" = "$1" ]; then
+      stat=${stat%/stat}
+      printf '%s\n' "${stat#/proc/}"
+    fi
+  done
+}
+
+# SIGUSR2 and SIGTERM both mean "checkpoint at the next step, then stop". The request
+# goes straight to the workers, torchrun's direct children: the agent does not pass
+# USR2 on, and on TERM it tears the workers down (SIGTERM, SIGKILL 30 s later)
+# instead of letting them save. Only direct children, not their process groups: the
+# workers' own children (data-loader processes) must not get it.
+# shellcheck disable=SC2329  # called from the traps below
+forward_preemption() {
+  local pid sent=0
+  PREEMPTED=$1
+  if [ -n "$TORCHRUN_PID" ]; then
+    for pid in $(child_pids "$TORCHRUN_PID"); do
+      kill -s USR2 "$pid" 2>/dev/null && sent=$((sent + 1))
+    done
+  fi
+  log "received SIG$1: asked $sent worker(s) to checkpoint and stop"
+}
+trap 'forward_preemption USR2' USR2
+trap 'forward_preemption TERM' TERM
+
+# torchrun's agent has no handler for SIGUSR2, whose default action would kill it,
+# and Slurm may signal every process of the step, not only this script. So torchrun
+# starts with USR2 ignored (the subshell sets that, then becomes torchrun); its
+# workers inherit the setting until the trainer installs its own handler.
+# --max-restarts=0: a worker that stops for a requeue must end the run, not restart.
+(
+  trap '' USR2
+  exec "$TORCHRUN" \
+    --nnodes="$NNODES" \
+    --nproc-per-node=8 \
+    --node-rank="$NODE_RANK" \
+    --master-addr="$MASTER_ADDR" \
+    --master-port="$MASTER_PORT" \
+    --max-restarts=0 \
+    -m sfd_train.train /scratch/sfd/runs/slurm_ascend_rank_table/launch/config.yaml parallel.backend=hccl run.device=npu
+) &
+TORCHRUN_PID=$!
+
+# `wait` returns early (status > 128) whenever a trapped signal arrives; keep
+# waiting until torchrun itself has exited.
+while :; do
+  wait "$TORCHRUN_PID"
+  status=$?
+  kill -0 "$TORCHRUN_PID" 2>/dev/null || break
+done
+
+if [ "$status" -ne 0 ] && [ -f "$REQUEUE_FILE" ]; then
+  log "the trainer saved a checkpoint and stopped for a requeue: $(cat "$REQUEUE_FILE")"
+  if [ -z "${SLURM_JOB_ID:-}" ]; then
+    log "run the same sfd-launch command again to resume from that checkpoint"
+  fi
+  exit 0
+fi
+if [ -n "$PREEMPTED" ] && [ "$status" -ne 0 ]; then
+  log "stopped after SIG$PREEMPTED without a complete checkpoint (no $REQUEUE_FILE)"
+fi
+log "torchrun exited with status $status"
+exit "$status"

@@ -1,0 +1,53 @@
+"""Smoke tests of the kernel and step benchmarks (tiny, on the CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_flop_count_of_xl_matches_the_design():
+    from sfd_train.config.schema import ModelConfig
+
+    bench_step = _load("bench_step")
+    macs = bench_step.forward_macs(ModelConfig(size="XL"))
+    assert abs(macs / 1e9 - 120.7) < 0.1  # DESIGN.md §4: ~120.7 G multiply-adds, ~724 GFLOP per step
+    assert abs(bench_step.train_step_flops(ModelConfig(size="XL")) / 1e9 - 724.3) < 0.5
+
+
+@pytest.mark.parametrize("name", ["bench_step", "bench_kernels"])
+def test_help(name, capsys):
+    with pytest.raises(SystemExit) as info:
+        _load(name).main(["--help"])
+    assert info.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+def test_step_benchmark_runs_tiny_on_cpu(tmp_path):
+    out = _load("bench_step").main(["--device", "cpu", "--tiny", "--variants", "ours,eager,authors",
+                                    "--json", str(tmp_path / "step.json")])
+    results = {r["variant"]: r for r in out["results"]}
+    assert set(results) == {"ours", "eager", "authors"}
+    for r in results.values():
+        assert r["step_ms"] > 0 and r["loss"] == r["loss"]  # finite time, loss not NaN
+    assert (tmp_path / "step.json").exists()
+
+
+def test_kernel_benchmark_runs_tiny_on_cpu():
+    out = _load("bench_kernels").main(["--device", "cpu", "--tiny", "--sections", "rms_norm,attention", "--rep-ms", "5"])
+    assert out["results"] and all(r["ms"] > 0 for rows in out["results"].values() for r in rows)

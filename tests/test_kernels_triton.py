@@ -1,0 +1,341 @@
+"""The Triton kernels (RMSNorm, RMSNorm + modulation, RoPE) against the reference.
+
+On the CPU they run under the Triton interpreter. ``TRITON_INTERPRET=1`` must be set
+before Triton compiles anything in a process, and in one pytest run other tests may
+already have imported Triton (torch.compile does), so the interpreted checks run in
+one subprocess: this file, executed as a script with the variable set, runs every
+case and prints a JSON verdict per case, which the parametrised tests below read. On
+a CUDA machine the same checks also run natively at the model's real sizes
+(``-m cuda``).
+
+Every check compares forward and backward (all input gradients) with the reference
+evaluated in float64 on the same inputs; tolerances are relative L2 errors per dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+
+from sfd_train.kernels import reference
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_MARKER = "SFD-KERNEL-RESULTS:"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _compare(fn, ref_fn, inputs, dtype, grad_tol_factor=2.0):
+    """Runs fn and ref_fn (float64) forward and backward; asserts the errors per dtype."""
+    tol = TOL[dtype]
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in inputs]
+    out = fn(*leaves)
+    gen = torch.Generator(device=out.device).manual_seed(7)
+    grad_out = torch.randn(out.shape, generator=gen, device=out.device).to(out.dtype)
+    out.backward(grad_out)
+    ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
+    ref_out = ref_fn(*ref_leaves)
+    ref_out.backward(grad_out.double())
+    errors = {"out": rel_err(out, ref_out)}
+    assert errors["out"] < tol, f"forward: {errors}"
+    for i, (a, b) in enumerate(zip(leaves, ref_leaves)):
+        if a is not None:
+            errors[f"grad{i}"] = rel_err(a.grad, b.grad)
+            assert errors[f"grad{i}"] < grad_tol_factor * tol, f"gradient of input {i}: {errors}"
+    return errors
+
+
+def _randn(shape, dtype, device, seed, scale=1.0, offset=0.0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return (offset + scale * torch.randn(shape, generator=gen, device=device)).to(dtype)
+
+
+def _strided_heads(batch, tokens, heads, head_dim, dtype, device, seed):
+    """q as the model makes it: split from qkv (B, N, 3, H, D_h) by a permute (not contiguous)."""
+    qkv = _randn((batch, tokens, 3, heads, head_dim), dtype, device, seed)
+    return qkv.permute(2, 0, 3, 1, 4)[0]
+
+
+# --------------------------------------------------------------------------- checks (CPU-interpreted or CUDA)
+
+
+def check_rms_norm(device, dtype, shape, with_weight=True, strided=False, weight_dtype=torch.float32):
+    from sfd_train.kernels import triton_rms_norm
+
+    if strided:
+        batch, heads, tokens, head_dim = shape
+        x = _strided_heads(batch, tokens, heads, head_dim, dtype, device, 0)
+        assert not x.is_contiguous()
+    else:
+        x = _randn(shape, dtype, device, 0)
+    weight = _randn(shape[-1:], weight_dtype, device, 1, 0.2, 1.0) if with_weight else None
+    return _compare(triton_rms_norm.rms_norm, reference.rms_norm, (x, weight), dtype)
+
+
+def check_rms_norm_modulate(device, dtype, shape, with_shift=True, with_weight=True):
+    from sfd_train.kernels import triton_rms_norm
+
+    batch, _, dim = shape
+    x = _randn(shape, dtype, device, 0)
+    weight = _randn((dim,), torch.float32, device, 1, 0.2, 1.0) if with_weight else None
+    shift = _randn((batch, dim), dtype, device, 2)
+    scale = _randn((batch, dim), dtype, device, 3, 0.3)
+    if with_shift:
+        return _compare(triton_rms_norm.rms_norm_modulate, reference.rms_norm_modulate, (x, weight, shift, scale), dtype)
+    return _compare(
+        lambda x, w, s: triton_rms_norm.rms_norm_modulate(x, w, None, s),
+        lambda x, w, s: reference.rms_norm_modulate(x, w, None, s),
+        (x, weight, scale),
+        dtype,
+    )
+
+
+def check_rope(device, dtype, shape, strided=False):
+    from sfd_train.kernels import rope
+
+    batch, heads, tokens, head_dim = shape
+    if strided:
+        x = _strided_heads(batch, tokens, heads, head_dim, dtype, device, 0)
+    else:
+        x = _randn(shape, dtype, device, 0)
+    cos, sin = _randn((tokens, head_dim), torch.float32, device, 1), _randn((tokens, head_dim), torch.float32, device, 2)
+
+    def ours(x):
+        return rope.apply_rope(x, cos, sin)
+
+    def ref(x):
+        return reference.apply_rope(x, cos.double(), sin.double())
+
+    return _compare(ours, ref, (x,), dtype)
+
+
+def check_many_strided_dims(device):
+    """More than three non-mergeable leading dims: the op copies x and still agrees."""
+    from sfd_train.kernels import triton_rms_norm
+
+    x = _randn((3, 4, 5, 6, 16), torch.float32, device, 0).permute(3, 1, 0, 2, 4)
+    return _compare(triton_rms_norm.rms_norm, reference.rms_norm, (x, None), torch.float32)
+
+
+def check_opcheck(device):
+    """Schema, fake (meta) implementations and autograd registration of the custom ops."""
+    from sfd_train.kernels import rope, triton_rms_norm  # noqa: F401  (registers the ops)
+
+    x = _randn((2, 5, 32), torch.float32, device, 0).requires_grad_()
+    w = _randn((32,), torch.float32, device, 1).requires_grad_()
+    shift = _randn((2, 32), torch.float32, device, 2).requires_grad_()
+    scale = _randn((2, 32), torch.float32, device, 3).requires_grad_()
+    for args in (
+        (x, w, None, None, 1e-6, torch.float32),
+        (x, w, shift, scale, 1e-6, torch.float32),
+        (x, None, None, scale, 1e-6, torch.bfloat16),
+    ):
+        torch.library.opcheck(torch.ops.sfd_kernels.rms_norm_fwd.default, args)
+    q = _randn((2, 3, 5, 16), torch.float32, device, 4).requires_grad_()
+    cos, sin = _randn((5, 16), torch.float32, device, 5), _randn((5, 16), torch.float32, device, 6)
+    torch.library.opcheck(torch.ops.sfd_kernels.rope.default, (q, cos, sin, False))
+
+
+def check_compile(device, backend):
+    """torch.compile(fullgraph=True) captures all three ops (no graph break) and agrees with eager."""
+    from sfd_train.kernels import rope, triton_rms_norm
+
+    torch._dynamo.reset()
+
+    def block(x, w, qw, shift, scale, cos, sin):
+        h = triton_rms_norm.rms_norm_modulate(x, w, shift, scale)
+        q = triton_rms_norm.rms_norm(h.unflatten(-1, (2, -1)).transpose(1, 2), qw)
+        return rope.apply_rope(q, cos, sin).float().square().mean()
+
+    dim, tokens = 32, 6
+    inputs = [
+        _randn((2, tokens, dim), torch.float32, device, 0),
+        _randn((dim,), torch.float32, device, 1, 0.2, 1.0),
+        _randn((dim // 2,), torch.float32, device, 2, 0.2, 1.0),
+        _randn((2, dim), torch.float32, device, 3),
+        _randn((2, dim), torch.float32, device, 4, 0.3),
+    ]
+    tables = [_randn((tokens, dim // 2), torch.float32, device, 5), _randn((tokens, dim // 2), torch.float32, device, 6)]
+    grads = []
+    for fn in (block, torch.compile(block, backend=backend, fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        loss = fn(*leaves, *tables)
+        grads.append([loss] + list(torch.autograd.grad(loss, leaves)))
+    for a, b in zip(*grads):
+        assert rel_err(b, a) < 1e-5, rel_err(b, a)
+
+
+def check_autocast_dtype(device):
+    """Under autocast an fp32 activation is normalised straight into the autocast dtype."""
+    from sfd_train.kernels import triton_rms_norm
+
+    x = _randn((2, 5, 64), torch.float32, device, 0)
+    w = _randn((64,), torch.float32, device, 1)
+    s = _randn((2, 64), torch.float32, device, 2)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = triton_rms_norm.rms_norm(x, w)
+        z = triton_rms_norm.rms_norm_modulate(x, w, s, s)
+    assert y.dtype == z.dtype == torch.bfloat16
+    assert rel_err(y, reference.rms_norm(x.double(), w.double())) < TOL[torch.bfloat16]
+    assert triton_rms_norm.rms_norm(x, w).dtype == torch.float32
+
+
+def check_model(device, autocast_dtype=None):
+    """A tiny model with the Triton ops matches the same model with the reference ops."""
+    from sfd_train.config.schema import ModelConfig
+    from sfd_train.kernels import REFERENCE_OPS, KernelOps, rope, triton_rms_norm
+    from sfd_train.models import build_model
+
+    cfg = ModelConfig(size="custom", depth=2, hidden_size=96, num_heads=6, input_size=4, num_classes=10,
+                      repa_projector_dim=32, repa_depth=1)
+    ops = KernelOps(
+        rms_norm=triton_rms_norm.rms_norm,
+        rms_norm_modulate=triton_rms_norm.rms_norm_modulate,
+        attention=reference.attention,
+        apply_rope=rope.apply_rope,
+        names={"rms_norm": "triton", "attention": "reference", "rope": "triton"},
+    )
+    torch.manual_seed(0)
+    ref_model = build_model(cfg, REFERENCE_OPS).to(device).train()
+    our_model = build_model(cfg, ops).to(device).train()
+    our_model.load_state_dict(ref_model.state_dict())
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # move the zero-initialised adaLN / final weights off zero
+        for p, q in zip(ref_model.parameters(), our_model.parameters()):
+            if p.requires_grad:
+                noise = (0.05 * torch.randn(p.shape, generator=gen)).to(device)
+                p.add_(noise)
+                q.add_(noise)
+    x = torch.randn(2, 48, 4, 4, generator=gen).to(device)
+    t_tex, t_sem, y = torch.rand(2, generator=gen).to(device), torch.rand(2, generator=gen).to(device), torch.tensor([1, 10], device=device)
+    results = []
+    for model in (ref_model, our_model):
+        torch.manual_seed(1)
+        with torch.autocast(device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            velocity, repa = model(x, t_tex, t_sem, y)
+            loss = velocity.float().square().mean() + repa.float().square().mean()
+        loss.backward()
+        results.append([velocity, repa] + [p.grad for p in model.parameters() if p.grad is not None])
+    tol = 1e-5 if autocast_dtype is None else 3e-2
+    for i, (a, b) in enumerate(zip(*results)):
+        assert rel_err(b, a) < tol, (i, rel_err(b, a))
+
+
+# Small shapes: the interpreter runs each program in numpy; the whole set takes seconds.
+INTERPRETED_CASES = {}
+for _name, _dtype in DTYPES.items():
+    INTERPRETED_CASES[f"rms_norm-{_name}-hidden384"] = (check_rms_norm, (_dtype, (2, 9, 384)))
+    INTERPRETED_CASES[f"rms_norm-{_name}-hidden1152"] = (check_rms_norm, (_dtype, (1, 3, 1152)))
+    INTERPRETED_CASES[f"rms_norm-{_name}-qk-strided72"] = (check_rms_norm, (_dtype, (2, 3, 7, 72), True, True))
+    INTERPRETED_CASES[f"rms_norm-{_name}-no-weight16"] = (check_rms_norm, (_dtype, (3, 5, 16), False))
+    INTERPRETED_CASES[f"rms_norm-{_name}-weight-in-dtype"] = (check_rms_norm, (_dtype, (4, 96), True, False, _dtype))
+    INTERPRETED_CASES[f"rms_norm_modulate-{_name}-shift"] = (check_rms_norm_modulate, (_dtype, (3, 11, 96)))
+    INTERPRETED_CASES[f"rms_norm_modulate-{_name}-no-shift"] = (check_rms_norm_modulate, (_dtype, (2, 13, 64), False))
+    INTERPRETED_CASES[f"rms_norm_modulate-{_name}-1792"] = (check_rms_norm_modulate, (_dtype, (2, 3, 1792)))
+    INTERPRETED_CASES[f"rope-{_name}-strided72"] = (check_rope, (_dtype, (2, 3, 5, 72), True))
+INTERPRETED_CASES["rms_norm_modulate-fp32-no-weight"] = (check_rms_norm_modulate, (torch.float32, (2, 5, 32), True, False))
+INTERPRETED_CASES["rope-fp32-contiguous16"] = (check_rope, (torch.float32, (1, 2, 6, 16)))
+INTERPRETED_CASES["rms_norm-many-strided-dims"] = (check_many_strided_dims, ())
+INTERPRETED_CASES["custom-op-opcheck"] = (check_opcheck, ())
+INTERPRETED_CASES["compile-fullgraph-aot-eager"] = (check_compile, ("aot_eager",))
+INTERPRETED_CASES["autocast-output-dtype"] = (check_autocast_dtype, ())
+INTERPRETED_CASES["model-fp32"] = (check_model, ())
+
+
+def _run_interpreted_cases() -> None:
+    """Worker: runs every case on the CPU under the interpreter, prints a JSON verdict per case."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    torch.set_num_threads(1)  # numpy runs the programs; two processes fight for two cores otherwise
+    results = {}
+    for name, (check, args) in INTERPRETED_CASES.items():
+        try:
+            check("cpu", *args)
+            results[name] = "ok"
+        except Exception:  # report every failure, not just the first
+            results[name] = traceback.format_exc()
+    print(_MARKER + json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreted_results() -> dict:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(_MARKER)]
+    assert proc.returncode == 0 and lines, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(lines[-1][len(_MARKER):])
+
+
+@pytest.mark.parametrize("case", list(INTERPRETED_CASES))
+def test_triton_interpreted(case, interpreted_results):
+    assert interpreted_results[case] == "ok", interpreted_results[case]
+
+
+# --------------------------------------------------------------------------- CUDA (native Triton)
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("shape", [(8192, 1152), (32, 256, 1152), (4, 256, 384), (2, 256, 1792), (64, 72)])
+def test_cuda_rms_norm(dtype, shape):
+    check_rms_norm("cuda", dtype, shape)
+    check_rms_norm("cuda", dtype, shape, weight_dtype=dtype)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("head_dim", [64, 72, 96])
+def test_cuda_qk_norm_and_rope_strided(dtype, head_dim):
+    check_rms_norm("cuda", dtype, (32, 1152 // head_dim, 256, head_dim), strided=True)
+    check_rope("cuda", dtype, (32, 1152 // head_dim, 256, head_dim), strided=True)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("with_shift", [True, False])
+@pytest.mark.parametrize("shape", [(32, 256, 1152), (3, 17, 384), (2, 64, 1792)])
+def test_cuda_rms_norm_modulate(dtype, with_shift, shape):
+    check_rms_norm_modulate("cuda", dtype, shape, with_shift)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_custom_ops_and_inductor():
+    check_opcheck("cuda")
+    check_compile("cuda", "inductor")
+    check_autocast_dtype("cuda")
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_model_matches_reference_ops():
+    check_model("cuda")
+    check_model("cuda", torch.bfloat16)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_auto_dispatch():
+    from sfd_train.kernels import build_kernel_ops
+
+    assert build_kernel_ops().names == {
+        "rms_norm": "triton(compiled: inductor)", "attention": "sdpa", "rope": "triton(compiled: inductor)"}
+
+
+if __name__ == "__main__":
+    _run_interpreted_cases()
