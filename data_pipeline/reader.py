@@ -730,12 +730,12 @@ def _worker_context():
 
 
 def _ignore_preemption_signals(worker_id: int) -> None:
-    """Workers ignore the preemption signals: Slurm may send SIGTERM to every process of a
-    step, and the trainer (not its data workers) decides when to stop, after a checkpoint."""
+    """Workers ignore SIGUSR2 (its default action would kill them): the trainer, not its
+    data workers, decides when to stop, after a checkpoint. SIGTERM keeps its default,
+    which is how multiprocessing stops workers at exit."""
     import signal
 
-    for name in ("SIGTERM", "SIGUSR2"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 def build_loader(data_config: DataConfig, *, global_batch_size: int, micro_batch_size: int, rank: int, world_size: int,

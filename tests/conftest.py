@@ -13,11 +13,23 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+# The project's shared reference data sits beside the checkout; a copy travels with the
+# repository (tests/reference/) for machines that have only the clone.
+SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
+REFERENCE_DIR = SHARED_REFERENCE if SHARED_REFERENCE.is_dir() else REPO_ROOT / "tests" / "reference"
+
+
 @pytest.fixture(scope="session")
 def reference_path() -> Path:
-    """The reference file of the published model; override with SFD_REFERENCE."""
-    default = REPO_ROOT.parent / "shared" / "reference" / "sfd_reference_public.pt"
-    return Path(os.environ.get("SFD_REFERENCE", default))
+    """The reference file of the published model: $SFD_REFERENCE, by default
+    ../shared/reference/sfd_reference_public.pt (or the copy in tests/reference/)."""
+    return Path(os.environ.get("SFD_REFERENCE", REFERENCE_DIR / "sfd_reference_public.pt"))
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The folder with the state-dict layout and the authors' config files."""
+    return REFERENCE_DIR
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,7 +10,9 @@ from sfd_train.config.base import field_docs
 from sfd_train.config.published import model_mapping_from_hparams
 from sfd_train.config.schema import parse_duration
 
-PUBLISHED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "published_configs"
+from conftest import REFERENCE_DIR
+
+PUBLISHED = REFERENCE_DIR / "published_configs"
 
 
 def _sections(cls):

@@ -19,8 +19,8 @@ def tiny(**overrides) -> ModelConfig:
 
 
 @pytest.fixture(scope="module")
-def layout(reference_path):
-    path = reference_path.parent / "sfd_state_dict_layout.json"
+def layout(reference_dir):
+    path = reference_dir / "sfd_state_dict_layout.json"
     assert path.is_file(), f"{path} is missing"
     return json.loads(path.read_text())
 

@@ -145,6 +145,8 @@ class CheckpointManager:
         start = time.perf_counter()
         self.wait_until_saved()  # one save in flight at a time
         directory = self.root / step_dir_name(step)
+        if (directory / MARKER).is_file():
+            return  # this step is already committed (e.g. a finished run started again)
         if self.world.is_main and directory.exists():
             shutil.rmtree(directory)  # a leftover of an interrupted save of this step
         if self.world.is_main:

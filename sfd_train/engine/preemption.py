@@ -23,7 +23,9 @@ from sfd_train.launchers.contract import PREEMPTION_SIGNALS, REQUEUE_EXIT_CODE, 
 # because torchrun turns a worker's exit code into its own status 1).
 REQUEUE_FILE = REQUEUE_FILENAME
 SIGNALS = {name: getattr(signal, name) for name in PREEMPTION_SIGNALS}
-_REASONS = {0: None, 1: "time limit", 2: "signal"}
+# Vote codes: the largest wins, so every rank reports the same reason.
+_CODES = {None: 0, "time limit": 1, **{f"signal {name}": 2 + i for i, name in enumerate(PREEMPTION_SIGNALS)}}
+_REASONS = {code: reason for reason, code in _CODES.items()}
 
 
 class PreemptionWatcher:
@@ -52,9 +54,9 @@ class PreemptionWatcher:
 
     def local_reason(self) -> int:
         if self.received is not None:
-            return 2
+            return _CODES[f"signal {self.received}"]
         if self.time_limit_s and time.monotonic() - self.started >= self.time_limit_s:
-            return 1
+            return _CODES["time limit"]
         return 0
 
     def should_stop(self) -> str | None:
@@ -62,10 +64,7 @@ class PreemptionWatcher:
         flag = torch.tensor([self.local_reason()], dtype=torch.int32)
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        reason = _REASONS[int(flag.item())]
-        if reason == "signal" and self.received:
-            reason = f"signal {self.received}"
-        return reason
+        return _REASONS[int(flag.item())]
 
 
 def write_requeue_marker(run_dir: Path, step: int, reason: str) -> None:

@@ -339,6 +339,7 @@ class Trainer:
         self.close()
 
     def close(self) -> None:
+        self.loader.close()  # stops the data-loader workers before the interpreter exits
         self.checkpoints.close()
         self.metrics.close()
         self.watcher.restore()
