@@ -33,7 +33,6 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import replace
 
 import torch
 

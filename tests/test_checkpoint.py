@@ -42,7 +42,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path, strategy, nproc):
     killed_at = max(committed(resumed_dir))
     assert killed_at < STEPS
     result = train(config, [f"run.output_dir={resumed_dir}"], nproc=nproc)
-    assert f"resumed from" in result.stdout + result.stderr
+    assert "resumed from" in result.stdout + result.stderr
 
     _assert_same_weights(exported(reference_dir, tmp_path / "a.pt"), exported(resumed_dir, tmp_path / "b.pt"))
     # The resumed run logged the same losses as the uninterrupted one after the restart.

@@ -1,7 +1,6 @@
 """Typed configs: YAML + overrides, errors that name the key, the authors' configs, presets."""
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 

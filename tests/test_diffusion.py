@@ -88,7 +88,6 @@ def test_sfd_loss_combines_terms_and_backpropagates():
 def test_float32_grid_keeps_the_published_phase_switch():
     grid = time_grid(13, 0.3)
     assert grid.dtype == torch.float32 and grid[3].item() < 0.3  # 0.29999998, not 0.3
-    moved = []
 
     class Recorder:
         delta_t, semantic_channels = 0.3, 1

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from runs import TINY, losses, train, write_config
 from sfd_train.config import build_config

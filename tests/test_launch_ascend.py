@@ -145,7 +145,7 @@ def test_sfd_launch_ascend_runs_the_node_script(tmp_path, cann):
     result = harness.sfd_launch(["ascend", str(config), f"run.output_dir={tmp_path / 'run'}", "--devices-per-node", "8",
                                  "--cann-set-env", str(cann)], env, tmp_path)
     assert result.returncode == 3, result.stdout + result.stderr  # torchrun's status comes back
-    assert f"$ SFD_NNODES=1 SFD_NODE_RANK=0 SFD_MASTER_ADDR=127.0.0.1 SFD_MASTER_PORT=29500 bash " in result.stdout
+    assert "$ SFD_NNODES=1 SFD_NODE_RANK=0 SFD_MASTER_ADDR=127.0.0.1 SFD_MASTER_PORT=29500 bash " in result.stdout
     start = harness.read_jsonl(record)[0]
     assert start["options"]["nproc-per-node"] == "8" and start["env"]["FAKE_CANN_SOURCED"] == "1"
     assert os.path.isfile(tmp_path / "run" / "launch" / "config.yaml")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sfd_train.launchers.contract import PREEMPTION_SIGNALS, REQUEUE_EXIT_CODE, REQUEUE_FILENAME
+from sfd_train.launchers.contract import PREEMPTION_SIGNALS, REQUEUE_EXIT_CODE, REQUEUE_FILENAME  # noqa: F401 (re-exported)
 
 # The numbers are the launchers' contract (sysexits' EX_TEMPFAIL, a marker file,
 # because torchrun turns a worker's exit code into its own status 1).

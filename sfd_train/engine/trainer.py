@@ -6,9 +6,7 @@ Each concern lives in its own module; this one only decides the order of things.
 from __future__ import annotations
 
 import logging
-import math
 import random
-import time
 from pathlib import Path
 from typing import Any
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from sfd_train.config import build_config, to_dict
+from sfd_train.config import build_config
 from sfd_train.engine.checkpoint import TRAIN_STATE, CheckpointError, newest_complete, verify
 
 
