@@ -4,14 +4,22 @@ Variants (bf16 autocast, fp32 parameters, random data, REPA projector on):
   ours                 our model with the kernels build_kernel_ops picks ('auto' on CUDA: SDPA
                        attention; RMSNorm, norm+modulation and RoPE as Triton kernels in eager
                        mode and, inside torch.compile, as the reference expression that Inductor
-                       fuses with its neighbours), torch.compile per block, fused AdamW
-  ours-kernels         the same with kernels.inside_compile=kernels: the Triton kernels stay opaque
+                       fuses with its neighbours), torch.compile per block, fused AdamW: the
+                       trainer with parallel.compile=true
+  ours-step            the same with parallel.compile_scope=step: noising, the whole network and the
+                       loss terms in one compiled graph
+  ours-step-autotune   ours-step with compile_mode=max-autotune-no-cudagraphs (Triton GEMM
+                       templates, epilogue fusion)
+  ours-graphs          ours-step with compile_mode=reduce-overhead: the step replays CUDA graphs
+  ours-kernels         ours with kernels.inside_compile=kernels: the Triton kernels stay opaque
                        custom ops inside the compiled blocks (shows what the fusion is worth)
   eager                the reference ops (fp32 math attention), no compile, AdamW (foreach)
   compile              the reference ops, torch.compile per block, AdamW (foreach)
   authors              benchmarks/authors_style.py: the authors' module style, every block compiled,
                        SDPA attention, AdamW (foreach)
   authors+fused-adamw  the authors' model with fused AdamW (separates the optimizer's share)
+
+The "ours" variants get their compiled pieces from sfd_train.engine.compile, as the trainer does.
 
 Reported: median step time (CUDA events), images/s, achieved TFLOP/s and MFU with the
 project's convention: FLOPs per image per step = 3 x 2 x forward multiply-adds (no
@@ -44,7 +52,16 @@ from sfd_train.kernels import REFERENCE_OPS, KernelConfig, build_kernel_ops  # n
 from sfd_train.models.flops import forward_macs_per_image, training_flops_per_image  # noqa: E402
 
 # eager first: it compiles nothing and brings the GPU to its clocks before the timed comparisons.
-ALL_VARIANTS = ("eager", "authors", "ours", "ours-kernels", "authors+fused-adamw", "compile")
+ALL_VARIANTS = ("eager", "authors", "ours", "ours-step", "ours-step-autotune", "ours-graphs", "ours-kernels",
+                "authors+fused-adamw", "compile")
+# parallel.compile_scope and compile_mode of each "ours" variant.
+OURS_COMPILE = {
+    "ours": ("blocks", "default"),
+    "ours-kernels": ("blocks", "default"),
+    "ours-step": ("step", "default"),
+    "ours-step-autotune": ("step", "max-autotune-no-cudagraphs"),
+    "ours-graphs": ("step", "reduce-overhead"),
+}
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -81,27 +98,47 @@ def build_variant(name: str, cfg: ModelConfig, args, device: str):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, **({"fused": True} if use_fused else {}))
         return (lambda x1, y, dino: authors_style.sfd_transport_loss(model, x1, y, dino)), model, opt, name
 
-    from sfd_train.diffusion.objective import sfd_loss
+    from sfd_train.config.schema import Config, ParallelConfig
+    from sfd_train.diffusion.objective import draw_loss_inputs, sfd_loss
+    from sfd_train.engine.compile import begin_micro_batch, build_loss_fn
+    from sfd_train.engine.parallelize import prepare_blocks
     from sfd_train.models import build_model
 
-    if name == "ours":
-        ops = build_kernel_ops(KernelConfig(sdpa_backends=args.sdpa_backends), device)
-    elif name == "ours-kernels":
-        ops = build_kernel_ops(KernelConfig(sdpa_backends=args.sdpa_backends, inside_compile="kernels"), device)
+    objective = ObjectiveConfig()
+    if name in OURS_COMPILE:
+        inside = "kernels" if name == "ours-kernels" else "inductor"
+        ops = build_kernel_ops(KernelConfig(sdpa_backends=args.sdpa_backends, inside_compile=inside), device)
+        scope, mode = OURS_COMPILE[name]
+        if args.compile_backend != "inductor":
+            mode = "default"  # the modes are Inductor's
+        parallel = ParallelConfig(strategy="ddp", compile=not args.no_compile, compile_scope=scope,
+                                  compile_mode=mode, compile_backend=args.compile_backend)
+        parallel.validate()
+        config = Config(model=cfg, objective=objective, parallel=parallel)
+        model = build_model(cfg, ops).to(device).train()
+        prepare_blocks(model, config)
+        training_loss = build_loss_fn(config)
+
+        def loss_fn(x1, y, dino):
+            begin_micro_batch(parallel)
+            # Drawn eagerly, as the trainer draws them, outside the compiled function.
+            inputs = draw_loss_inputs(x1, y, cfg, objective)
+            return training_loss(model, x1, inputs, dino)["loss"]
     else:
         ops = REFERENCE_OPS
-    model = build_model(cfg, ops).to(device).train()
-    if name != "eager" and not args.no_compile:
-        _compile_blocks(model, args.compile_backend)
+        model = build_model(cfg, ops).to(device).train()
+        if name != "eager" and not args.no_compile:
+            _compile_blocks(model, args.compile_backend)
+
+        def loss_fn(x1, y, dino):
+            return sfd_loss(model, x1, y, dino, cfg, objective)["loss"]
+
     use_fused = fused and name.startswith("ours")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,
                             **({"fused": True} if use_fused else {}))
-    objective = ObjectiveConfig()
-
-    def loss_fn(x1, y, dino):
-        return sfd_loss(model, x1, y, dino, cfg, objective)["loss"]
-
     names = ",".join(f"{k}={v}" for k, v in ops.names.items()) + (",fused-adamw" if use_fused else "")
+    if name in OURS_COMPILE and not args.no_compile:
+        names += f",compile={parallel.compile_scope}/{parallel.compile_mode}"
     return loss_fn, model, opt, names
 
 

@@ -58,6 +58,24 @@ def test_bad_values_name_the_key_and_the_choices(override, key, message):
     assert err.value.key == key
 
 
+@pytest.mark.parametrize(
+    "overrides,key,message",
+    [
+        (["parallel.strategy=zero2", "parallel.compile_scope=step"], "parallel.compile_scope", "use 'blocks'"),
+        (["parallel.strategy=fsdp2", "parallel.compile_mode=reduce-overhead"], "parallel.compile_mode", "fixed address"),
+        (["parallel.strategy=zero3", "parallel.compile_mode=max-autotune"], "parallel.compile_mode", "fixed address"),
+        (["parallel.compile_backend=aot_eager", "parallel.compile_mode=max-autotune-no-cudagraphs"],
+         "parallel.compile_mode", "Inductor mode"),
+    ],
+)
+def test_compile_combinations_that_cannot_work_are_refused(overrides, key, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, ["parallel.compile=true", *overrides])
+    assert err.value.key == key
+    # The same keys are accepted while compile is off (nothing is compiled).
+    load_config(None, overrides)
+
+
 def test_malformed_override_and_missing_file():
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["train.max_steps"])

@@ -37,6 +37,22 @@ def test_two_ranks_follow_the_single_process_trajectory(tmp_path, single_process
     assert mine[8] < mine[1]  # and it learns
 
 
+@pytest.mark.parametrize(
+    "strategy,scope,nproc,micro_batch",
+    [("ddp", "blocks", 1, None), ("ddp", "step", 1, None), ("fsdp2", "step", 1, None), ("fsdp2", "step", 2, 4)],
+)
+def test_compiled_runs_follow_the_eager_trajectory(tmp_path, single_process_losses, strategy, scope, nproc,
+                                                   micro_batch):
+    # aot_eager: dynamo and AOTAutograd as in production, without Inductor's minutes of C++ builds.
+    config = write_config(tmp_path / "job.yaml", train={"micro_batch_size": micro_batch}, parallel={
+        "strategy": strategy, "compile": True, "compile_scope": scope, "compile_backend": "aot_eager"})
+    train(config, [f"run.output_dir={tmp_path / 'run'}"], nproc=nproc)
+    mine = losses(tmp_path / "run")
+    assert sorted(mine) == sorted(single_process_losses)
+    for step, expected in single_process_losses.items():
+        assert mine[step] == pytest.approx(expected, rel=2e-5, abs=1e-6), f"{strategy}/{scope} step {step}"
+
+
 def _run_cli(args, env=None):
     return subprocess.run([sys.executable, "-m", "sfd_train.train", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=120)

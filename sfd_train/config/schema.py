@@ -301,6 +301,10 @@ class TrainConfig:
         return self.global_batch_size // (world_size * self.accumulation_steps(world_size))
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+"""torch.compile modes that capture and replay CUDA graphs."""
+
+
 @dataclass
 class ParallelConfig:
     """How the model is spread over ranks. Applied after the model is built:
@@ -317,11 +321,38 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward to save memory."""
     compile: bool = False
-    """torch.compile each block."""
+    """torch.compile the model (what is compiled: compile_scope)."""
+    compile_scope: Literal["blocks", "step"] = "blocks"
+    """'blocks': each block is its own graph (torchtitan's way; every strategy). 'step': the whole loss computation (embedders, blocks, final layer, loss terms) is one graph, so Inductor fuses across block boundaries and the eager elementwise work of the objective disappears (ddp, fsdp2; FSDP2's hooks still split it per block)."""
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"] = "default"
+    """torch.compile mode. 'reduce-overhead' and 'max-autotune' replay CUDA graphs, which need the parameters at fixed addresses: ddp only."""
+    compile_backend: str = "inductor"
+    """torch.compile backend ('inductor'; 'aot_eager' compiles fast and is what the CPU tests use)."""
     backend: Literal["auto", "nccl", "gloo", "hccl"] = "auto"
     """Collective backend; 'auto' picks it from the installed stack (CUDA: nccl, Ascend: hccl, CPU: gloo)."""
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Expert keys merged last into the generated DeepSpeed JSON config."""
+
+    def validate(self) -> None:
+        if not self.compile:
+            return
+        if self.compile_scope == "step" and self.strategy.startswith("zero"):
+            raise ConfigError(
+                "compile_scope",
+                f"'step' works with ddp and fsdp2; DeepSpeed's engine ({self.strategy}) wraps the forward in its "
+                "own hooks: use 'blocks'",
+            )
+        if self.compile_mode != "default" and self.compile_backend != "inductor":
+            raise ConfigError(
+                "compile_mode", f"{self.compile_mode!r} is an Inductor mode; compile_backend is {self.compile_backend!r}"
+            )
+        if self.compile_mode in CUDA_GRAPH_MODES and self.strategy != "ddp":
+            raise ConfigError(
+                "compile_mode",
+                f"{self.compile_mode!r} replays CUDA graphs, which need every parameter at a fixed address; "
+                f"{self.strategy} gathers and frees them each step: use 'default' or "
+                "'max-autotune-no-cudagraphs', or parallel.strategy=ddp",
+            )
 
 
 @dataclass

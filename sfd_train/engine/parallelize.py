@@ -17,6 +17,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from sfd_train.config.schema import Config
+from sfd_train.engine.compile import compile_blocks, compiles_blocks
 from sfd_train.engine.distributed import World
 from sfd_train.engine.optim import build_adamw, build_scheduler
 from sfd_train.engine.strategy import TorchStrategy
@@ -28,12 +29,6 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     """Wraps every block so its activations are recomputed in backward."""
     for index, block in enumerate(model.blocks):
         model.blocks[index] = checkpoint_wrapper(block, preserve_rng_state=False)
-
-
-def apply_compile(model: nn.Module) -> None:
-    """Compiles each block in place (``Module.compile`` keeps parameter names unchanged)."""
-    for block in model.blocks:
-        block.compile(fullgraph=False)
 
 
 def apply_fsdp2(model: nn.Module, world: World, config: Config) -> None:
@@ -48,11 +43,15 @@ def apply_fsdp2(model: nn.Module, world: World, config: Config) -> None:
 
 
 def prepare_blocks(model: nn.Module, config: Config) -> None:
-    """The strategy-independent steps: activation checkpointing, then compile."""
+    """The strategy-independent steps: activation checkpointing, then per-block compile.
+
+    (``parallel.compile_scope: step`` compiles the loss function instead; see
+    :mod:`sfd_train.engine.compile`.)
+    """
     if config.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
-    if config.parallel.compile:
-        apply_compile(model)
+    if compiles_blocks(config.parallel):
+        compile_blocks(model, config.parallel)
 
 
 def make_ema(model: nn.Module, ema_state: dict[str, torch.Tensor] | None) -> nn.Module:

@@ -15,10 +15,11 @@ import torch
 
 from sfd_train.config import Config, ConfigError, to_dict
 from sfd_train.config.loader import save_config
-from sfd_train.diffusion.objective import LossInputs, combine_terms, draw_global_inputs, loss_terms
+from sfd_train.diffusion.objective import LossInputs, draw_global_inputs
 from sfd_train.diffusion.sampler import sample_with_config
 from sfd_train import device as devices
 from sfd_train.engine.checkpoint import CheckpointError, CheckpointManager
+from sfd_train.engine.compile import begin_micro_batch, build_loss_fn
 from sfd_train.engine.distributed import World, all_reduce_mean
 from sfd_train.engine.metrics import MetricsLogger, Throughput, format_progress, read_metrics
 from sfd_train.engine.parallelize import parallelize_torch
@@ -117,6 +118,7 @@ class Trainer:
         self.step = 0
         self._resume()
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=train.mixed_precision == "bf16")
+        self.loss_fn = build_loss_fn(config)
         self.watcher = PreemptionWatcher(self._time_limit_s(), group=world.control_group)
         self.metrics = MetricsLogger(
             self.run_dir, world.is_main, config.run.wandb_mode, config.run.wandb_project, config.run.name,
@@ -206,13 +208,9 @@ class Trainer:
             features = batch.get("dino") if self.uses_repa else None
             last = micro == self.accumulation - 1
             with self.strategy.accumulate(last):
+                begin_micro_batch(config.parallel)
                 with self.autocast:
-                    terms = loss_terms(
-                        self.strategy.wrapped, x, self._micro_batch_inputs(batch, draws, micro), features,
-                        semantic_channels=config.model.semantic_channels, delta_t=config.model.delta_t,
-                        semantic_weight=config.objective.semantic_weight,
-                    )
-                    out = combine_terms(terms, config.objective)
+                    out = self.loss_fn(self.strategy.wrapped, x, self._micro_batch_inputs(batch, draws, micro), features)
                 self.strategy.backward(out["loss"], self.accumulation, last)
             for name, value in out.items():
                 totals[name] = totals.get(name, 0) + value.detach().float() / self.accumulation

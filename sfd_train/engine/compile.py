@@ -1,0 +1,73 @@
+"""What torch.compile is applied to, and how (the ``parallel.compile*`` keys).
+
+Two scopes:
+
+- ``blocks``: every block becomes its own graph, as in torchtitan. One compiled graph
+  serves all blocks of a size, and it composes with every sharding strategy.
+- ``step``: the function that turns a micro-batch into its loss (noising, the whole
+  network, the loss terms and their weighted sum) is compiled as one. Inductor then fuses
+  across block boundaries (one block's residual add with the next block's norm) and the
+  objective's elementwise work stops running as separate eager kernels. Wrappers that run
+  their own hooks (DDP's forward, FSDP2's per-block hooks) split the graph where they sit.
+
+Model and objective code know nothing of this: the trainer and the step benchmark both
+get their loss function from :func:`build_loss_fn`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from sfd_train.config.schema import CUDA_GRAPH_MODES, Config, ParallelConfig
+from sfd_train.diffusion.objective import LossInputs, combine_terms, loss_terms
+
+LossFn = Callable[[nn.Module, torch.Tensor, LossInputs, "torch.Tensor | None"], dict[str, torch.Tensor]]
+
+
+def compile_kwargs(parallel: ParallelConfig) -> dict:
+    """``torch.compile`` keyword arguments for the configured backend and mode."""
+    mode = None if parallel.compile_mode == "default" else parallel.compile_mode
+    return {"backend": parallel.compile_backend, "mode": mode}
+
+
+def compile_blocks(model: nn.Module, parallel: ParallelConfig) -> None:
+    """Compiles each block in place (``Module.compile`` keeps parameter names unchanged)."""
+    for block in model.blocks:
+        block.compile(fullgraph=False, **compile_kwargs(parallel))
+
+
+def compiles_blocks(parallel: ParallelConfig) -> bool:
+    return parallel.compile and parallel.compile_scope == "blocks"
+
+
+def build_loss_fn(config: Config) -> LossFn:
+    """The function that computes one micro-batch's loss: ``fn(model, x, inputs, features)``.
+
+    Returns ``{"loss": weighted total, "mse", "cos", "repa": batch means}`` (see
+    :func:`sfd_train.diffusion.objective.combine_terms`); compiled as a whole with
+    ``parallel.compile_scope: step``. The random inputs are drawn outside, so a compiled
+    step replays exactly what the eager one computes.
+    """
+    model_config, objective = config.model, config.objective
+
+    def training_loss(model: nn.Module, x: torch.Tensor, inputs: LossInputs, features: torch.Tensor | None):
+        terms = loss_terms(
+            model, x, inputs, features,
+            semantic_channels=model_config.semantic_channels, delta_t=model_config.delta_t,
+            semantic_weight=objective.semantic_weight,
+        )
+        return combine_terms(terms, objective)
+
+    parallel = config.parallel
+    if parallel.compile and parallel.compile_scope == "step":
+        return torch.compile(training_loss, fullgraph=False, **compile_kwargs(parallel))
+    return training_loss
+
+
+def begin_micro_batch(parallel: ParallelConfig) -> None:
+    """Tells CUDA-graph trees that a new forward begins, so the previous replay's outputs may be reused."""
+    if parallel.compile and parallel.compile_mode in CUDA_GRAPH_MODES:
+        torch.compiler.cudagraph_mark_step_begin()
