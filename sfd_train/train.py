@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if not config.data.path:
             raise ConfigError("data.path", "missing: set it to a shard folder or URL, or to 'synthetic'")
         config.train.accumulation_steps(world_size_from_env())
+        config.parallel.check_world_size(world_size_from_env())
     except ConfigError as err:
         print(f"sfd-train: {err}", file=sys.stderr)
         return 2

@@ -64,6 +64,8 @@ def _run_cli(args, env=None):
         (["parallel.strategy=zero4"], {}, "parallel.strategy"),
         (["train.global_batch_size=16"], {"WORLD_SIZE": "3"}, "train.global_batch_size"),
         (["train.micro_batch_size=3"], {}, "train.global_batch_size"),
+        (["parallel.strategy=ddp", "parallel.compile=true", "parallel.compile_mode=reduce-overhead"],
+         {"WORLD_SIZE": "2"}, "parallel.compile_mode"),
         (["data.path="], {}, "data.path"),
     ],
 )

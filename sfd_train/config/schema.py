@@ -325,7 +325,7 @@ class ParallelConfig:
     compile_scope: Literal["blocks", "step"] = "blocks"
     """'blocks': each block is its own graph (torchtitan's way; every strategy). 'step': the whole loss computation (embedders, blocks, final layer, loss terms) is one graph, so Inductor fuses across block boundaries and the eager elementwise work of the objective disappears (ddp, fsdp2; FSDP2's hooks still split it per block)."""
     compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"] = "default"
-    """torch.compile mode. 'reduce-overhead' and 'max-autotune' replay CUDA graphs, which need the parameters at fixed addresses: ddp only."""
+    """torch.compile mode. 'reduce-overhead' and 'max-autotune' replay CUDA graphs, which need the parameters at fixed addresses: ddp on one device only."""
     compile_backend: str = "inductor"
     """torch.compile backend ('inductor'; 'aot_eager' compiles fast and is what the CPU tests use)."""
     backend: Literal["auto", "nccl", "gloo", "hccl"] = "auto"
@@ -352,6 +352,15 @@ class ParallelConfig:
                 f"{self.compile_mode!r} replays CUDA graphs, which need every parameter at a fixed address; "
                 f"{self.strategy} gathers and frees them each step: use 'default' or "
                 "'max-autotune-no-cudagraphs', or parallel.strategy=ddp",
+            )
+
+    def check_world_size(self, world_size: int) -> None:
+        """The checks that depend on how many ranks run the job."""
+        if self.compile and self.compile_mode in CUDA_GRAPH_MODES and world_size > 1:
+            raise ConfigError(
+                "parallel.compile_mode",
+                f"{self.compile_mode!r} (CUDA graphs) is supported on one device; this job has {world_size} ranks, "
+                "whose gradient all-reduce runs outside the graphs: use 'default' or 'max-autotune-no-cudagraphs'",
             )
 
 
