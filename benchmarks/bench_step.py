@@ -73,12 +73,6 @@ train_step_flops = training_flops_per_image
 # --------------------------------------------------------------------------- variants
 
 
-def _compile_blocks(model, backend: str) -> None:
-    # Per-block compile, as torchtitan (and the authors) do: one graph serves every block.
-    for block in model.blocks:
-        block.compile(backend=backend, dynamic=False)
-
-
 def build_variant(name: str, cfg: ModelConfig, args, device: str):
     """Returns ``(loss_fn, model, optimizer, kernel names)`` for one variant."""
     fused = device == "cuda" and not args.no_fused_adam
@@ -100,7 +94,7 @@ def build_variant(name: str, cfg: ModelConfig, args, device: str):
 
     from sfd_train.config.schema import Config, ParallelConfig
     from sfd_train.diffusion.objective import draw_loss_inputs, sfd_loss
-    from sfd_train.engine.compile import begin_micro_batch, build_loss_fn
+    from sfd_train.engine.compile import begin_micro_batch, build_loss_fn, compile_blocks
     from sfd_train.engine.parallelize import prepare_blocks
     from sfd_train.models import build_model
 
@@ -128,7 +122,7 @@ def build_variant(name: str, cfg: ModelConfig, args, device: str):
         ops = REFERENCE_OPS
         model = build_model(cfg, ops).to(device).train()
         if name != "eager" and not args.no_compile:
-            _compile_blocks(model, args.compile_backend)
+            compile_blocks(model, ParallelConfig(compile=True, compile_backend=args.compile_backend))
 
         def loss_fn(x1, y, dino):
             return sfd_loss(model, x1, y, dino, cfg, objective)["loss"]
@@ -211,7 +205,7 @@ def run_variant(name: str, cfg: ModelConfig, args, device: str, profile: bool = 
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "graph_breaks": sum(counters["graph_break"].values()),
     }
-    del model, opt, loss_fn
+    model = opt = loss_fn = None  # drop the references (the step closure holds them too) before freeing memory
     gc.collect()
     torch._dynamo.reset()
     if cuda:
