@@ -39,10 +39,6 @@ def compile_blocks(model: nn.Module, parallel: ParallelConfig) -> None:
         block.compile(fullgraph=False, **compile_kwargs(parallel))
 
 
-def compiles_blocks(parallel: ParallelConfig) -> bool:
-    return parallel.compile and parallel.compile_scope == "blocks"
-
-
 def build_loss_fn(config: Config) -> LossFn:
     """The function that computes one micro-batch's loss: ``fn(model, x, inputs, features)``.
 

@@ -17,7 +17,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from sfd_train.config.schema import Config
-from sfd_train.engine.compile import compile_blocks, compiles_blocks
+from sfd_train.engine.compile import compile_blocks
 from sfd_train.engine.distributed import World
 from sfd_train.engine.optim import build_adamw, build_scheduler
 from sfd_train.engine.strategy import TorchStrategy
@@ -50,7 +50,7 @@ def prepare_blocks(model: nn.Module, config: Config) -> None:
     """
     if config.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
-    if compiles_blocks(config.parallel):
+    if config.parallel.compile and config.parallel.compile_scope == "blocks":
         compile_blocks(model, config.parallel)
 
 
