@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from fake_cluster.fakeslurm import descendants
+
 # A model and data small enough for 2 CPU cores; every run in the tests starts from it.
 TINY = {
     "model": {"size": "custom", "depth": 2, "hidden_size": 64, "num_heads": 4, "input_size": 8, "in_channels": 16,
@@ -50,33 +52,98 @@ def _free_port() -> int:
 
 
 def train(config: Path, overrides: list[str] = (), nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Runs a training job to the end; fails the test with its output if it fails."""
-    result = subprocess.run(command(config, list(overrides), nproc), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return result
+    """Runs a training job to the end; fails the test with its output if it fails or hangs."""
+    cmd = command(config, list(overrides), nproc)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_diagnosable_env(),
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _dump_stacks(proc)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"training hung for {timeout:.0f} s; every thread's stack:\n{stdout[-3000:]}\n{stderr[-12000:]}") from None
+    assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def start(config: Path, overrides: list[str] = (), nproc: int = 1, log: Path | None = None) -> subprocess.Popen:
-    """Starts a run in its own process group (so the test can signal or kill all of it)."""
+    """Starts a run in a session of its own (a signal to the test's group does not reach it);
+    stop it with :func:`kill_run`."""
     out = open(log, "w") if log else subprocess.DEVNULL
-    return subprocess.Popen(command(config, list(overrides), nproc), stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(command(config, list(overrides), nproc), stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True, env=_diagnosable_env())
+    proc.log = log
+    return proc
 
 
 def wait_for(predicate, timeout: float = 240, what: str = "condition", proc: subprocess.Popen | None = None) -> None:
+    """Polls ``predicate``; a run that exits first, or a timeout, fails with the run's log
+    (after a timeout, with every thread's stack of every process of the run)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the run exited ({proc.returncode}) before {what}")
+            raise AssertionError(f"the run exited ({proc.returncode}) before {what}{_log_tail(proc)}")
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    if proc is not None and proc.poll() is None:
+        _dump_stacks(proc)
+        proc.wait(timeout=60)
+    raise AssertionError(f"timed out waiting for {what}{_log_tail(proc)}")
 
 
-def kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
-    os.killpg(proc.pid, sig)
+def _diagnosable_env() -> dict[str, str]:
+    # faulthandler prints every thread's Python stack on SIGABRT (see _dump_stacks).
+    return {**os.environ, "PYTHONFAULTHANDLER": "1"}
+
+
+def _dump_stacks(proc: subprocess.Popen) -> None:
+    """Makes every process of a hung run print its threads' stacks, one after another, then
+    stops the run. All are paused first, so no process reacts to another one's death."""
+    tree = [proc.pid, *descendants(proc.pid)]
+    _signal_all(tree, signal.SIGSTOP)
+    for pid in tree:
+        _signal_all([pid], signal.SIGABRT)
+        _signal_all([pid], signal.SIGCONT)
+        time.sleep(0.5)  # faulthandler writes from the signal handler; keeps the dumps apart
+    _signal_all(tree, signal.SIGKILL)
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _log_tail(proc: subprocess.Popen | None, chars: int = 12000) -> str:
+    log = getattr(proc, "log", None)
+    if log is None or not Path(log).is_file():
+        return ""
+    return f"; its log ({log}) ends:\n{Path(log).read_text(errors='replace')[-chars:]}"
+
+
+def kill_run(proc: subprocess.Popen) -> None:
+    """SIGKILLs every process of a run: the launcher, its ranks and their data workers.
+
+    torchrun starts each rank in a session of its own, so killing the launcher's
+    process group alone would leave the ranks running (and writing checkpoints).
+    """
+    tree = [proc.pid, *descendants(proc.pid)]
+    _signal_all(tree, signal.SIGKILL)
     proc.wait(timeout=60)
+    deadline = time.time() + 60
+    while any(Path(f"/proc/{pid}").exists() and not _is_zombie(pid) for pid in tree):
+        assert time.time() < deadline, "processes of the killed run are still alive after 60 s"
+        time.sleep(0.1)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def losses(run_dir: Path) -> dict[int, float]:

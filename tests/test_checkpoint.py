@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from runs import committed, exported, kill_group, losses, start, train, wait_for, write_config
+from runs import committed, exported, kill_run, losses, start, train, wait_for, write_config
 from sfd_train.config import build_config
 from sfd_train.engine.checkpoint import CheckpointError, newest_complete, verify, write_marker
 from sfd_train.engine.preemption import REQUEUE_EXIT_CODE
@@ -38,7 +38,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path, strategy, nproc):
 
     proc = start(config, [f"run.output_dir={resumed_dir}"], nproc=nproc, log=tmp_path / "killed.log")
     wait_for(lambda: any(s >= 4 for s in committed(resumed_dir)), what="a checkpoint at step >= 4", proc=proc)
-    kill_group(proc)  # SIGKILL to every process: no handler runs, no save completes
+    kill_run(proc)  # SIGKILL to every process: no handler runs, no save completes
     killed_at = max(committed(resumed_dir))
     assert killed_at < STEPS
     result = train(config, [f"run.output_dir={resumed_dir}"], nproc=nproc)
