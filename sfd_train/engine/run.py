@@ -8,6 +8,9 @@ import warnings
 from sfd_train.config import Config
 from sfd_train import device as devices
 from sfd_train.engine.distributed import init_distributed, shutdown
+from sfd_train.engine.run_lock import RunFolderBusy
+
+FOLDER_BUSY_EXIT_CODE = 3
 
 logger = logging.getLogger("sfd_train")
 
@@ -28,5 +31,7 @@ def run_training(config: Config) -> int:
     try:
         trainer = Trainer(config, world)
         return trainer.fit()
+    except RunFolderBusy:  # rank 0 has logged which job holds the folder
+        return FOLDER_BUSY_EXIT_CODE
     finally:
         shutdown()

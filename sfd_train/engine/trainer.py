@@ -23,6 +23,7 @@ from sfd_train.engine.compile import begin_micro_batch, build_loss_fn
 from sfd_train.engine.distributed import World, all_reduce_mean
 from sfd_train.engine.metrics import MetricsLogger, Throughput, format_progress, read_metrics
 from sfd_train.engine.parallelize import parallelize_torch
+from sfd_train.engine.run_lock import lock_run_folder
 from sfd_train.engine.preemption import (
     REQUEUE_EXIT_CODE,
     PreemptionWatcher,
@@ -89,6 +90,7 @@ class Trainer:
         self.config, self.world = config, world
         self.device = world.device
         self.run_dir = Path(config.run.output_dir)
+        self.run_lock = lock_run_folder(self.run_dir, world.is_main, world.control_group)
         train = config.train
         self.accumulation = train.accumulation_steps(world.world_size)
         self.micro_batch = train.per_rank_batch(world.world_size)
@@ -339,3 +341,5 @@ class Trainer:
         self.checkpoints.close()
         self.metrics.close()
         self.watcher.restore()
+        if self.run_lock is not None:
+            self.run_lock.release()
