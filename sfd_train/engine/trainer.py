@@ -23,13 +23,13 @@ from sfd_train.engine.compile import begin_micro_batch, build_loss_fn
 from sfd_train.engine.distributed import World, all_reduce_mean
 from sfd_train.engine.metrics import MetricsLogger, Throughput, format_progress, read_metrics
 from sfd_train.engine.parallelize import parallelize_torch
-from sfd_train.engine.run_lock import lock_run_folder
 from sfd_train.engine.preemption import (
     REQUEUE_EXIT_CODE,
     PreemptionWatcher,
     clear_requeue_marker,
     write_requeue_marker,
 )
+from sfd_train.engine.run_lock import lock_run_folder
 from sfd_train.engine.visualize import save_loss_plot, save_sample_grid
 from sfd_train.engine.weights import load_initial_weights
 from sfd_train.kernels import build_kernel_ops
