@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from fake_cluster.fakeslurm import descendants
+from fake_cluster.fakeslurm import descendants, is_running
 
 # A model and data small enough for 2 CPU cores; every run in the tests starts from it.
 TINY = {
@@ -133,17 +133,7 @@ def kill_run(proc: subprocess.Popen) -> None:
     tree = [proc.pid, *descendants(proc.pid)]
     _signal_all(tree, signal.SIGKILL)
     proc.wait(timeout=60)
-    deadline = time.time() + 60
-    while any(Path(f"/proc/{pid}").exists() and not _is_zombie(pid) for pid in tree):
-        assert time.time() < deadline, "processes of the killed run are still alive after 60 s"
-        time.sleep(0.1)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+    wait_for(lambda: not any(is_running(pid) for pid in tree), timeout=60, what="every process of the killed run to end")
 
 
 def losses(run_dir: Path) -> dict[int, float]:
