@@ -70,6 +70,72 @@ forward_macs = forward_macs_per_image
 train_step_flops = training_flops_per_image
 
 
+# --------------------------------------------------------------------------- profile
+
+PROFILED_STEPS = 2
+# Device kernels by family, matched on lower-cased kernel names (first match wins).
+KERNEL_FAMILIES = (
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "triton_tem_")),
+    ("attention", ("flash", "fmha", "sdpa", "attn", "cudnn")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("inductor fused", ("triton_",)),
+    ("copy / cast", ("copy", "memcpy", "memset", "cat", "transpose")),
+)
+
+
+def kernel_family(kernel_name: str) -> str:
+    lowered = kernel_name.lower()
+    return next((family for family, keys in KERNEL_FAMILIES if any(k in lowered for k in keys)), "other")
+
+
+def device_kernels(prof) -> list[tuple[str, float]]:
+    """``(name, microseconds)`` of every kernel, memset and copy a profile saw on the device.
+
+    Read from the device-side events themselves: in ``key_averages()`` a kernel's time shows
+    both on its own row and on the op or annotation that launched it, so summing that table's
+    self device times counts the step about twice.
+    """
+    from torch.autograd import DeviceType
+
+    return [(evt.name, evt.time_range.elapsed_us()) for evt in prof.events()
+            if evt.device_type == DeviceType.CUDA and not getattr(evt, "is_user_annotation", False)]
+
+
+def kernel_time_by_family(kernels: list[tuple[str, float]], steps: int) -> list[tuple[str, float, int]]:
+    """``(family, ms per step, kernels per step)``, largest first, for ``kernels`` from ``steps`` steps."""
+    families: dict[str, list] = {}
+    for name, us in kernels:
+        entry = families.setdefault(kernel_family(name), [0.0, 0])
+        entry[0] += us / 1e3 / steps
+        entry[1] += 1
+    return sorted(((f, ms, count // steps) for f, (ms, count) in families.items()), key=lambda row: -row[1])
+
+
+def print_profile(name: str, prof, cuda: bool, table_path: str | None) -> None:
+    """Prints the device time per kernel family and the top ops of a profiled run.
+
+    Args:
+        name: the variant profiled.
+        prof: a finished ``torch.profiler.profile`` of ``PROFILED_STEPS`` steps.
+        cuda: whether device kernels were recorded (else CPU op times are shown).
+        table_path: if given, the full per-op table is also written there.
+    """
+    averages = prof.key_averages()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = averages.table(sort_by=sort, row_limit=400, max_name_column_width=110)
+    if table_path:
+        with open(table_path, "w") as f:
+            f.write(table)
+    print(f"\n## profile of {PROFILED_STEPS} steps of '{name}'")
+    if cuda:
+        rows = kernel_time_by_family(device_kernels(prof), PROFILED_STEPS)
+        print(f"{'kernel family':<18}{'ms/step':>9}{'kernels/step':>14}")
+        for family, ms, count in rows:
+            print(f"{family:<18}{ms:>9.2f}{count:>14}")
+        print(f"{'all kernels':<18}{sum(ms for _, ms, _ in rows):>9.2f}")
+    print("\n".join(table.splitlines()[:45]))
+
+
 # --------------------------------------------------------------------------- variants
 
 
@@ -186,13 +252,11 @@ def run_variant(name: str, cfg: ModelConfig, args, device: str, profile: bool = 
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with torch_profile(activities=activities) as prof:
-            for _ in range(2):
+            for _ in range(PROFILED_STEPS):
                 step()
             if cuda:
                 torch.cuda.synchronize()
-        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-        print(f"\n## profile of 2 steps of '{name}'")
-        print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
+        print_profile(name, prof, cuda, args.profile_out)
     result = {
         "variant": name,
         "kernels": names,
@@ -226,7 +290,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-fused-adam", action="store_true", help="ours with the default (foreach) AdamW")
     p.add_argument("--sdpa-backends", default="", help="pin ours' SDPA backends, e.g. 'cudnn' or 'flash,cudnn'")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: from the device name)")
-    p.add_argument("--profile", default=None, help="after timing, profile 2 steps of this variant and print its top kernels")
+    p.add_argument("--profile", default=None,
+                   help="profile 2 steps of this variant after timing it (device time per kernel family, top kernels)")
+    p.add_argument("--profile-out", default=None, help="write the profiled variant's full per-op table to this file")
     p.add_argument("--tiny", action="store_true", help="a tiny model, 2 images, 2 steps (smoke test)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -278,7 +344,7 @@ def main(argv=None) -> dict:
     print(header)
     for name in variants:
         try:
-            r = run_variant(name, cfg, args, device)
+            r = run_variant(name, cfg, args, device, profile=name == args.profile)
         except Exception as err:  # e.g. out of memory in eager: report, keep going
             print(f"  {name}: failed ({type(err).__name__}: {str(err).splitlines()[0][:160]})")
             gc.collect()
@@ -298,7 +364,7 @@ def main(argv=None) -> dict:
     for r in results:
         r["speedup_vs_authors"] = authors / r["step_ms"]
         print(row(r))
-    if args.profile:
+    if args.profile and args.profile not in variants:
         run_variant(args.profile, cfg, args, device, profile=True)
     if args.json:
         with open(args.json, "w") as f:

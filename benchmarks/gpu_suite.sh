@@ -7,7 +7,13 @@
 # each well inside a call's 10 minutes:
 #     bash benchmarks/gpu_suite.sh tests            CUDA kernel tests (Triton, SDPA per backend)
 #     bash benchmarks/gpu_suite.sh kernels          benchmarks/bench_kernels.py
-#     bash benchmarks/gpu_suite.sh step [VARIANTS]  benchmarks/bench_step.py (default: all variants)
+#     bash benchmarks/gpu_suite.sh step [VARIANTS [ARGS]]  benchmarks/bench_step.py (default: all variants;
+#                                                   ARGS go to it, e.g. --profile ours-step)
+# TAG=name names the step part's files step-name.json/.log, so one call can run several.
+#     bash benchmarks/gpu_suite.sh save-cache       Inductor's cache into $OUT as inductor-cache.tgz.NN
+# Compiling the whole XL step takes about 2 minutes per variant. To skip that in the lease's next
+# call, copy the inductor-cache.tgz.* files that came back into .inductor-cache/ (git-ignored) here
+# and carry .inductor-cache too: every part unpacks it into Inductor's cache before it runs.
 # Logs and JSON go to $OUT (the device tool's folder that comes back), else benchmarks/out/.
 set -euo pipefail
 
@@ -15,6 +21,8 @@ part=${1:-}
 out=${OUT:-benchmarks/out}
 wheels=.whl
 python=${PYTHON:-python3}
+carried_cache=.inductor-cache
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/sfd-inductor-cache}
 
 if [[ "$part" == fetch ]]; then
     mkdir -p "$wheels"
@@ -23,10 +31,24 @@ if [[ "$part" == fetch ]]; then
     exit 0
 fi
 
+if [[ "$part" == save-cache ]]; then
+    mkdir -p "$out"
+    # 15 MiB parts: the device tool brings back files of at most 16 MiB.
+    tar -C "$TORCHINDUCTOR_CACHE_DIR" -czf - . | split -b 15M -d - "$out/inductor-cache.tgz."
+    ls -l "$out"/inductor-cache.tgz.*
+    exit 0
+fi
+
 case "$part" in
     tests | kernels | step) ;;
-    *) echo "usage: $0 fetch | tests | kernels | step [VARIANTS]" >&2; exit 2 ;;
+    *) echo "usage: $0 fetch | save-cache | tests | kernels | step [VARIANTS [ARGS]]" >&2; exit 2 ;;
 esac
+
+if compgen -G "$carried_cache/inductor-cache.tgz.*" >/dev/null && [[ ! -d "$TORCHINDUCTOR_CACHE_DIR" ]]; then
+    mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
+    cat "$carried_cache"/inductor-cache.tgz.* | tar -C "$TORCHINDUCTOR_CACHE_DIR" -xzf -
+    echo "gpu_suite: Inductor cache unpacked from $carried_cache ($(du -sh "$TORCHINDUCTOR_CACHE_DIR" | cut -f1))"
+fi
 
 mkdir -p "$out"
 if ! "$python" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
@@ -36,10 +58,12 @@ fi
 # Install what the image lacks (no network there) and this checkout, without touching torch.
 site=/tmp/sfd-site
 if compgen -G "$wheels/*.whl" >/dev/null; then
-    "$python" -m pip install --quiet --no-index --no-deps --target "$site" "$wheels"/*.whl
+    "$python" -m pip install --quiet --no-index --no-deps --upgrade --target "$site" "$wheels"/*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-"$python" -m pip install --quiet --no-index --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 \
+# --use-pep517 makes pip take the PEP 660 editable route with the image's own setuptools; the
+# legacy "setup.py develop" route starts an isolated build that wants setuptools from the network.
+"$python" -m pip install --quiet --no-index --no-deps --no-build-isolation --use-pep517 -e . >"$out/install.log" 2>&1 \
     || { cat "$out/install.log" >&2; exit 1; }
 {
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
@@ -56,7 +80,8 @@ case "$part" in
         ;;
     step)
         variants=${2:-eager,authors,ours,ours-step,ours-graphs,ours-step-autotune,authors+fused-adamw}
-        "$python" benchmarks/bench_step.py --variants "$variants" --json "$out/step.json" 2>&1 \
-            | tee "$out/step.log" | tail -30
+        tag=${TAG:+-$TAG}
+        "$python" benchmarks/bench_step.py --variants "$variants" --json "$out/step$tag.json" "${@:3}" 2>&1 \
+            | tee "$out/step$tag.log" | tail -40
         ;;
 esac

@@ -51,3 +51,24 @@ def test_step_benchmark_runs_tiny_on_cpu(tmp_path):
 def test_kernel_benchmark_runs_tiny_on_cpu():
     out = _load("bench_kernels").main(["--device", "cpu", "--tiny", "--sections", "rms_norm,attention", "--rep-ms", "5"])
     assert out["results"] and all(r["ms"] > 0 for rows in out["results"].values() for r in rows)
+
+
+def test_kernel_families_of_a_profile():
+    bench_step = _load("bench_step")
+    # Kernel names as an H100 profile of the step printed them; 2 steps of each.
+    kernels = [
+        ("nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN", 85.0),
+        ("triton_tem_fused_mm_3", 40.0),
+        ("triton_poi_fused__to_copy_add_mul_silu_split_38", 48.0),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7", 50.0),
+        ("void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata>", 210.0),
+        ("Memset (Device)", 1.0),
+        ("void at::native::reduce_kernel<128, 4>", 8.0),
+    ] * 2
+    rows = {family: (ms, count) for family, ms, count in bench_step.kernel_time_by_family(kernels, steps=2)}
+    assert rows["gemm"] == (0.125, 2)
+    assert rows["inductor fused"] == (0.048, 1)
+    assert rows["attention"] == (0.05, 1)
+    assert rows["optimizer"] == (0.21, 1)
+    assert rows["copy / cast"] == (0.001, 1) and rows["other"] == (0.008, 1)
+    assert [f for f, _, _ in bench_step.kernel_time_by_family(kernels, 2)][0] == "optimizer"  # largest first
