@@ -9,8 +9,8 @@
 #     bash benchmarks/gpu_suite.sh kernels          benchmarks/bench_kernels.py
 #     bash benchmarks/gpu_suite.sh step [VARIANTS [ARGS]]  benchmarks/bench_step.py (default: all variants;
 #                                                   ARGS go to it, e.g. --profile ours-step)
-# TAG=name names the step part's files step-name.json/.log, so one call can run several.
 #     bash benchmarks/gpu_suite.sh save-cache       Inductor's cache into $OUT as inductor-cache.tgz.NN
+# TAG=name names the step part's files step-name.json/.log, so one call can run several.
 # Compiling the whole XL step takes about 2 minutes per variant. To skip that in the lease's next
 # call, copy the inductor-cache.tgz.* files that came back into .inductor-cache/ (git-ignored) here
 # and carry .inductor-cache too: every part unpacks it into Inductor's cache before it runs.
