@@ -5,6 +5,11 @@ Sections (all forward + backward unless noted, random inputs):
   modulate      RMSNorm + adaLN modulation at (batch, tokens, hidden) = (32, 256, 1152)
   qk_norm       the q/k RMSNorm over the head dim on the strided q view, (32, 16, 256, 72)
   rope          rotary embedding on q, same shape, fp32 tables (the result cast to bf16 as the model does)
+  qk_norm_rope  the attention's whole input stage from the qkv Linear's output (32, 256, 3, 16, 72):
+                q/k RMSNorm, RoPE, split into heads, with the gradient back into qkv's layout;
+                the reference composition vs the separate Triton kernels vs the fused kernel
+                (``--qk-tiles`` times other tiles of the fused kernel)
+  swiglu        SwiGLU's gate silu(x1) * x2 on the w12 output (batch * tokens, 2 * 3072), XL's MLP
   attention     softmax attention, same shape: reference vs SDPA and its pinned backends
 
 Two clocks per variant: "wall ms" is the median of ``triton.testing.do_bench`` (CUDA
@@ -37,6 +42,23 @@ from sfd_train.kernels import reference
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def parse_qk_tiles(text: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """``"2048x8:1024x8,512x4:512x2"`` -> ``[((2048, 8), (1024, 8)), ((512, 4), (512, 2))]``."""
+    def tile(item: str) -> tuple[int, int]:
+        values, sep, warps = item.partition("x")
+        if not sep or not values.isdigit() or not warps.isdigit():
+            raise SystemExit(f"--qk-tiles: {item!r} is not VALUESxWARPS (e.g. 1024x4)")
+        return int(values), int(warps)
+
+    pairs = []
+    for pair in filter(None, text.split(",")):
+        fwd, sep, bwd = pair.partition(":")
+        if not sep:
+            raise SystemExit(f"--qk-tiles: {pair!r} is not FWD:BWD (e.g. 1024x4:512x4)")
+        pairs.append((tile(fwd), tile(bwd)))
+    return pairs
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where to run (cpu: smoke run, no Triton)")
@@ -48,7 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32, help="batch of the modulate/attention cases")
     p.add_argument("--tokens", type=int, default=256, help="tokens per sample")
     p.add_argument("--heads", type=int, default=16, help="attention heads (head dim = hidden / heads)")
-    p.add_argument("--sections", default="rms_norm,modulate,qk_norm,rope,attention", help="comma-separated sections")
+    p.add_argument("--mlp-hidden", type=int, default=3072, help="SwiGLU hidden units (XL: int(2/3 * 4 * 1152))")
+    p.add_argument("--sections", default="rms_norm,modulate,qk_norm,rope,qk_norm_rope,swiglu,attention",
+                   help="comma-separated sections")
+    p.add_argument("--qk-tiles", default="",
+                   help="extra tiles of the fused q/k norm + RoPE to time, as FWD:BWD pairs of VALUESxWARPS "
+                        "(values per tensor per program), comma-separated, e.g. '2048x8:1024x8,512x4:512x2'")
     p.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement (ms)")
     p.add_argument("--graph", action="store_true",
                    help="also time CUDA-graph replays (GPU time without launch overhead); off by default "
@@ -57,10 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="small shapes (smoke test)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    args.qk_tiles = parse_qk_tiles(args.qk_tiles)
     if args.compile_backend is None:
         args.compile_backend = "inductor" if args.device == "cuda" else "aot_eager"
     if args.tiny:
-        args.rows, args.hidden, args.batch, args.tokens, args.heads = 64, 96, 2, 16, 6
+        args.rows, args.hidden, args.batch, args.tokens, args.heads, args.mlp_hidden = 64, 96, 2, 16, 6, 256
         args.rep_ms = min(args.rep_ms, 20)
     return args
 
@@ -223,12 +251,6 @@ def bench_modulate(b: Bench, dtype, wdtype, ours_available: bool):
     b.section(f"RMSNorm + modulate fwd+bwd ({a.batch} x {a.tokens} x {a.hidden}, {a.dtype})", nbytes, variants)
 
 
-def _head_inputs(a, dtype):
-    head_dim = a.hidden // a.heads
-    qkv = torch.randn(a.batch, a.tokens, 3, a.heads, head_dim, device=a.device, dtype=dtype, requires_grad=True)
-    return qkv, head_dim
-
-
 def bench_qk_norm(b: Bench, dtype, ours_available: bool):
     a = b.args
     head_dim = a.hidden // a.heads
@@ -277,6 +299,68 @@ def bench_rope(b: Bench, dtype, ours_available: bool):
         variants["compile(triton rope ours)"] = fwd_bwd(_compiled(as_model(rope.apply_rope)), [q], dy)
     nbytes = 4 * q.numel() * q.element_size()
     b.section(f"RoPE fwd+bwd ({a.batch},{a.heads},{a.tokens},{head_dim}), {a.dtype}", nbytes, variants)
+
+
+def bench_qk_norm_rope(b: Bench, dtype, ours_available: bool):
+    a = b.args
+    head_dim = a.hidden // a.heads
+    qkv = torch.randn(a.batch, a.tokens, 3, a.heads, head_dim, device=a.device, dtype=dtype, requires_grad=True)
+    q_weight, k_weight = (torch.ones(head_dim, device=a.device, requires_grad=True) for _ in range(2))  # fp32
+    rope = (torch.randn(a.tokens, head_dim, device=a.device), torch.randn(a.tokens, head_dim, device=a.device))
+    grads = tuple(torch.randn(a.batch, a.heads, a.tokens, head_dim, device=a.device, dtype=dtype) for _ in range(3))
+    inputs = [qkv, q_weight, k_weight]
+
+    def stage(fn):
+        return lambda qkv, qw, kw: fn(qkv, qw, kw, rope, 1e-6)
+
+    variants: dict[str, Callable | None] = {
+        "eager reference": fwd_bwd(stage(reference.qk_norm_rope), inputs, grads),
+        "compile(reference)": fwd_bwd(_compiled(stage(reference.qk_norm_rope)), inputs, grads),
+    }
+    if ours_available:
+        import functools
+
+        from sfd_train.kernels import qk_norm_rope, rope as triton_rope, triton_rms_norm
+
+        separate = functools.partial(reference.qk_norm_rope, norm=triton_rms_norm.rms_norm, rotate=triton_rope.apply_rope)
+        variants["separate triton norm + rope"] = fwd_bwd(stage(separate), inputs, grads)
+        variants["fused triton (ours)"] = fwd_bwd(stage(qk_norm_rope.qk_norm_rope), inputs, grads)
+        variants["compile(fused triton ours)"] = fwd_bwd(_compiled(stage(qk_norm_rope.qk_norm_rope)), inputs, grads)
+        fused = variants["fused triton (ours)"]
+        for tiles in a.qk_tiles:
+            # fwd_bwd runs forward and backward inside one call, so the tiles hold for both.
+            def with_tiles(run=fused, tiles=tiles):
+                saved = qk_norm_rope.FWD_TILE, qk_norm_rope.BWD_TILE
+                qk_norm_rope.FWD_TILE, qk_norm_rope.BWD_TILE = tiles
+                try:
+                    run()
+                finally:
+                    qk_norm_rope.FWD_TILE, qk_norm_rope.BWD_TILE = saved
+
+            (fv, fw), (bv, bw) = tiles
+            variants[f"fused, tiles {fv}x{fw}:{bv}x{bw}"] = with_tiles
+    # Forward reads q, k, v from qkv and writes them; backward reads dq, dk, dv and q, k, writes d(qkv).
+    nbytes = 14 * grads[0].numel() * grads[0].element_size()
+    b.section(f"q/k norm + RoPE + heads fwd+bwd, qkv ({a.batch},{a.tokens},3,{a.heads},{head_dim}), {a.dtype}",
+              nbytes, variants)
+
+
+def bench_swiglu(b: Bench, dtype, ours_available: bool):
+    a = b.args
+    x12 = torch.randn(a.batch * a.tokens, 2 * a.mlp_hidden, device=a.device, dtype=dtype, requires_grad=True)
+    dh = torch.randn(a.batch * a.tokens, a.mlp_hidden, device=a.device, dtype=dtype)
+    variants: dict[str, Callable | None] = {
+        "eager reference": fwd_bwd(reference.swiglu, [x12], dh),
+        "compile(reference)": fwd_bwd(_compiled(reference.swiglu), [x12], dh),
+    }
+    if ours_available:
+        from sfd_train.kernels import swiglu
+
+        variants["triton (ours)"] = fwd_bwd(swiglu.swiglu, [x12], dh)
+        variants["compile(triton ours)"] = fwd_bwd(_compiled(swiglu.swiglu), [x12], dh)
+    # Forward reads x12, writes h; backward reads dh and x12, writes d(x12).
+    nbytes = 8 * dh.numel() * dh.element_size()
+    b.section(f"SwiGLU gate fwd+bwd ({a.batch * a.tokens} x 2*{a.mlp_hidden}), {a.dtype}", nbytes, variants)
 
 
 def bench_attention(b: Bench, dtype):
@@ -334,6 +418,10 @@ def main(argv=None) -> dict:
         bench_qk_norm(bench, dtype, ours_available)
     if "rope" in sections:
         bench_rope(bench, dtype, ours_available)
+    if "qk_norm_rope" in sections:
+        bench_qk_norm_rope(bench, dtype, ours_available)
+    if "swiglu" in sections:
+        bench_swiglu(bench, dtype, ours_available)
     if "attention" in sections:
         bench_attention(bench, dtype)
     out = {"device": device_name, "torch": torch.__version__, "triton": triton_version, "args": vars(args),

@@ -20,6 +20,9 @@ Variants (bf16 autocast, fp32 parameters, random data, REPA projector on):
   authors+fused-adamw  the authors' model with fused AdamW (separates the optimizer's share)
 
 The "ours" variants get their compiled pieces from sfd_train.engine.compile, as the trainer does.
+An "ours" variant may carry kernel choices after a '+', as the config's kernels section spells
+them: 'ours-graphs+qk_norm_rope=triton' is ours-graphs with the fused q/k norm + RoPE kernel
+('+' again for more keys).
 
 Reported: median step time (CUDA events), images/s, achieved TFLOP/s and MFU with the
 project's convention: FLOPs per image per step = 3 x 2 x forward multiply-adds (no
@@ -75,6 +78,8 @@ train_step_flops = training_flops_per_image
 PROFILED_STEPS = 2
 # Device kernels by family, matched on lower-cased kernel names (first match wins).
 KERNEL_FAMILIES = (
+    ("ours (sfd kernels)", ("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rope_kernel", "_qk_norm_rope_",
+                            "_swiglu_")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "triton_tem_")),
     ("attention", ("flash", "fmha", "sdpa", "attn", "cudnn")),
     ("optimizer", ("adam", "multi_tensor")),
@@ -139,8 +144,33 @@ def print_profile(name: str, prof, cuda: bool, table_path: str | None) -> None:
 # --------------------------------------------------------------------------- variants
 
 
-def build_variant(name: str, cfg: ModelConfig, args, device: str):
-    """Returns ``(loss_fn, model, optimizer, kernel names)`` for one variant."""
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """``"ours-graphs+qk_norm_rope=triton"`` -> ``("ours-graphs", {"qk_norm_rope": "triton"})``, checked."""
+    from sfd_train.config.base import ConfigError, from_mapping
+
+    if spec in ALL_VARIANTS:  # names with a '+' of their own (authors+fused-adamw) included
+        return spec, {}
+    name, *items = spec.split("+")
+    if name not in ALL_VARIANTS:
+        raise SystemExit(f"unknown variant {name!r} in {spec!r}; choose from {ALL_VARIANTS}")
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"variant {spec!r}: {item!r} is not KEY=VALUE")
+        overrides[key] = value
+    if overrides and name not in OURS_COMPILE:
+        raise SystemExit(f"variant {spec!r}: kernel choices apply to the 'ours' variants only")
+    try:
+        from_mapping(KernelConfig, overrides, prefix="kernels")
+    except ConfigError as err:
+        raise SystemExit(f"variant {spec!r}: {err}") from None
+    return name, overrides
+
+
+def build_variant(spec: str, cfg: ModelConfig, args, device: str):
+    """Returns ``(loss_fn, model, optimizer, kernel names)`` for one variant (see :func:`parse_variant`)."""
+    name, kernel_overrides = parse_variant(spec)
     fused = device == "cuda" and not args.no_fused_adam
     if name.startswith("authors"):
         import authors_style
@@ -166,8 +196,11 @@ def build_variant(name: str, cfg: ModelConfig, args, device: str):
 
     objective = ObjectiveConfig()
     if name in OURS_COMPILE:
-        inside = "kernels" if name == "ours-kernels" else "inductor"
-        ops = build_kernel_ops(KernelConfig(sdpa_backends=args.sdpa_backends, inside_compile=inside), device)
+        from sfd_train.config.base import from_mapping
+
+        choices = {"sdpa_backends": args.sdpa_backends,
+                   "inside_compile": "kernels" if name == "ours-kernels" else "inductor", **kernel_overrides}
+        ops = build_kernel_ops(from_mapping(KernelConfig, choices, prefix="kernels"), device)
         scope, mode = OURS_COMPILE[name]
         if args.compile_backend != "inductor":
             mode = "default"  # the modes are Inductor's
@@ -277,14 +310,37 @@ def run_variant(name: str, cfg: ModelConfig, args, device: str, profile: bool = 
     return result
 
 
+def parse_inductor_setting(item: str) -> tuple[str, object]:
+    """``"triton.enable_pdl=True"`` -> ``("triton.enable_pdl", True)``, checked against Inductor's config."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    key, sep, text = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--inductor {item!r}: expected KEY=VALUE")
+    if key not in inductor_config.get_config_copy():
+        raise SystemExit(f"--inductor {item!r}: torch {torch.__version__} has no Inductor setting {key!r}")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text  # a bare word, e.g. a backend name
+    return key, value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--model", default="XL", help="named size (S, B, L, XL, XXL, 1p6B)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="override the size's number of blocks (a quicker compile when comparing settings; "
+                        "the per-block kernels are those of the full model)")
     p.add_argument("--batch", type=int, default=32, help="images per step")
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (includes compilation)")
-    p.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"comma-separated subset of {ALL_VARIANTS}")
+    p.add_argument("--variants", default=",".join(ALL_VARIANTS),
+                   help=f"comma-separated subset of {ALL_VARIANTS}; an 'ours' variant may add kernel choices, "
+                        "e.g. ours-graphs+qk_norm_rope=triton")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor on CUDA, aot_eager on CPU)")
     p.add_argument("--no-compile", action="store_true", help="run every variant uncompiled")
     p.add_argument("--no-fused-adam", action="store_true", help="ours with the default (foreach) AdamW")
@@ -295,7 +351,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-out", default=None, help="write the profiled variant's full per-op table to this file")
     p.add_argument("--tiny", action="store_true", help="a tiny model, 2 images, 2 steps (smoke test)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config.KEY (dotted, e.g. triton.enable_pdl=True) for every "
+                        "variant; repeatable")
     args = p.parse_args(argv)
+    args.inductor = dict(parse_inductor_setting(item) for item in args.inductor)
     args.sdpa_backends = [b for b in args.sdpa_backends.split(",") if b]
     if args.compile_backend is None:
         args.compile_backend = "inductor" if args.device == "cuda" else "aot_eager"
@@ -306,19 +366,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(args.inductor):  # every variant compiles under these settings
+        return run_benchmark(args)
+
+
+def run_benchmark(args) -> dict:
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --device cpu --tiny for a smoke test")
     if args.tiny:
-        cfg = ModelConfig(size="custom", depth=2, hidden_size=96, num_heads=6, input_size=8, num_classes=10,
-                          repa_projector_dim=64)
+        cfg = ModelConfig(size="custom", depth=args.depth or 2, hidden_size=96, num_heads=6, input_size=8,
+                          num_classes=10, repa_projector_dim=64)
     else:
-        cfg = ModelConfig(size=args.model)
+        cfg = ModelConfig(size=args.model, depth=args.depth)
     cfg.validate()
+    if args.inductor:
+        print(f"# Inductor settings: {args.inductor}")
     variants = [v for v in args.variants.split(",") if v]
-    unknown = set(variants) - set(ALL_VARIANTS)
-    if unknown:
-        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {ALL_VARIANTS}")
+    for spec in variants + ([args.profile] if args.profile else []):
+        parse_variant(spec)  # every name and kernel choice checked before anything is compiled
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -334,11 +402,13 @@ def main(argv=None) -> dict:
           f"peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s; compile backend {args.compile_backend}")
     results = []
     out = {"device": device_name, "torch": torch.__version__, "model": cfg.name, "batch": args.batch,
-           "forward_macs": forward_macs(cfg), "flops_per_image": flops_img, "peak_flops": peak, "results": results}
-    header = f"{'variant':<22}{'step ms':>9}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'x authors':>10}{'mem GB':>8}  kernels"
+           "forward_macs": forward_macs(cfg), "flops_per_image": flops_img, "peak_flops": peak,
+           "inductor": {k: repr(v) for k, v in args.inductor.items()}, "results": results}
+    width = max([22] + [len(v) + 2 for v in variants])
+    header = f"{'variant':<{width}}{'step ms':>9}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'x authors':>10}{'mem GB':>8}  kernels"
 
     def row(r):
-        return (f"{r['variant']:<22}{r['step_ms']:>9.1f}{r['images_per_s']:>9.1f}{r['tflops']:>9.1f}"
+        return (f"{r['variant']:<{width}}{r['step_ms']:>9.1f}{r['images_per_s']:>9.1f}{r['tflops']:>9.1f}"
                 f"{100 * r['mfu']:>6.1f}%{r.get('speedup_vs_authors', math.nan):>10.2f}{r['peak_mem_gb']:>8.1f}  {r['kernels']}")
 
     print(header)

@@ -16,7 +16,11 @@ class KernelConfig:
     """Attention: reference, PyTorch SDPA (flash/cuDNN/efficient on CUDA, flash-CPU on the CPU), or torch_npu.npu_fusion_attention."""
     rope: Literal["auto", "reference", "triton"] = "auto"
     """Rotary embedding on q/k: the reference expression, or one Triton kernel (CUDA)."""
+    qk_norm_rope: Literal["auto", "separate", "triton"] = "auto"
+    """The attention's input stage (q/k RMSNorm, RoPE, split into heads): 'separate' composes the rms_norm and rope choices; 'triton' is one fused kernel each way (CUDA), whose backward writes the qkv gradient in the Linear's layout, and which stays a kernel inside torch.compile. 'auto' is 'separate' until the fused kernel is measured faster in the compiled step."""
+    swiglu: Literal["auto", "reference", "triton"] = "auto"
+    """SwiGLU's gate silu(x1) * x2: the reference expression (which Inductor fuses inside torch.compile), or one Triton kernel each way (CUDA) that stays a kernel inside torch.compile. 'auto' is the reference until the kernel is measured faster in the compiled step."""
     inside_compile: Literal["inductor", "kernels"] = "inductor"
-    """What the Triton/apex norm and RoPE ops become inside torch.compile: 'inductor' hands Inductor the reference expression, which it fuses with the neighbouring residual add, gate and q/k RoPE (the faster compiled step); 'kernels' calls our kernels as opaque custom ops. Eager calls always use the kernels."""
+    """What the Triton/apex norm and RoPE ops (not qk_norm_rope or swiglu: their 'triton' is always the kernel) become inside torch.compile: 'inductor' hands Inductor the reference expression, which it fuses with the neighbouring residual add, gate and q/k RoPE (the faster compiled step); 'kernels' calls our kernels as opaque custom ops. Eager calls always use the kernels."""
     sdpa_backends: list[Literal["flash", "cudnn", "efficient", "math"]] = field(default_factory=list)
     """Restrict SDPA to these backends (PyTorch tries them in its own order); empty = let PyTorch choose."""

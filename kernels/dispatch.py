@@ -11,6 +11,14 @@ installed stack, so a forward pass has no per-call branching on the backend.
 | rms_norm  | triton (apex, reference)    | npu_rms_norm                | reference |
 | attention | sdpa (flash/cuDNN/efficient)| npu_fusion_attention (BNSD) | sdpa      |
 | rope      | triton                      | reference                   | reference |
+| qk_norm_rope | separate (triton: opt-in) | separate                    | separate  |
+| swiglu    | reference (triton: opt-in)  | reference                   | reference |
+
+``qk_norm_rope`` is the attention's input stage (q/k RMSNorm, RoPE, split into heads):
+``separate`` composes the rms_norm and rope choices above. ``swiglu`` is the MLP's gate
+``silu(x1) * x2``. Their ``triton`` choices are one kernel each way that stays a kernel
+inside torch.compile too (``inside_compile`` does not apply: they exist to replace what
+Inductor generates between two GEMMs, or a GEMM and the attention).
 
 Inside torch.compile the CUDA norm/RoPE ops trace as the reference expression by
 default (``inside_compile: inductor``), so Inductor can fuse them with their neighbours;
@@ -20,6 +28,7 @@ Backends (triton, apex, torch_npu) are imported only here, and only when chosen.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import warnings
@@ -43,9 +52,18 @@ class KernelOps:
     rms_norm_modulate: Callable[..., torch.Tensor] = reference.rms_norm_modulate
     attention: Callable[..., torch.Tensor] = reference.attention
     apply_rope: Callable[..., torch.Tensor] = reference.apply_rope
+    qk_norm_rope: Callable[..., tuple] | None = None
+    """None: composed from this instance's ``rms_norm`` and ``apply_rope`` ('separate')."""
+    swiglu: Callable[..., torch.Tensor] = reference.swiglu
     names: dict[str, str] = field(
-        default_factory=lambda: {"rms_norm": "reference", "attention": "reference", "rope": "reference"}
+        default_factory=lambda: {"rms_norm": "reference", "attention": "reference", "rope": "reference",
+                                 "qk_norm_rope": "separate", "swiglu": "reference"}
     )
+
+    def __post_init__(self):
+        if self.qk_norm_rope is None:
+            composed = functools.partial(reference.qk_norm_rope, norm=self.rms_norm, rotate=self.apply_rope)
+            object.__setattr__(self, "qk_norm_rope", composed)
 
 
 REFERENCE_OPS = KernelOps()
@@ -72,6 +90,12 @@ def _require_cuda(key: str, choice: str, device_type: str) -> None:
     if device_type != "cuda" or not torch.cuda.is_available():
         raise _error(key, f"'{choice}' needs a CUDA device, but the device is '{device_type}'"
                      f"{'' if torch.cuda.is_available() else ' and torch.cuda.is_available() is False'}")
+
+
+def _require_triton(key: str, device_type: str) -> None:
+    _require_cuda(key, "triton", device_type)
+    if not _triton_importable():
+        raise _error(key, "'triton' needs the triton package, which is not installed")
 
 
 def _require_npu(key: str, device_type: str) -> object:
@@ -109,9 +133,7 @@ def _choose_rms_norm(choice: str, device_type: str) -> tuple[str, Callable, Call
     if choice == "reference":
         return choice, reference.rms_norm, reference.rms_norm_modulate
     if choice == "triton":
-        _require_cuda("rms_norm", choice, device_type)
-        if not _triton_importable():
-            raise _error("rms_norm", "'triton' needs the triton package, which is not installed")
+        _require_triton("rms_norm", device_type)
         from sfd_train.kernels import triton_rms_norm
 
         return choice, triton_rms_norm.rms_norm, triton_rms_norm.rms_norm_modulate
@@ -157,13 +179,36 @@ def _choose_rope(choice: str, device_type: str) -> tuple[str, Callable]:
     if choice == "reference":
         return choice, reference.apply_rope
     if choice == "triton":
-        _require_cuda("rope", choice, device_type)
-        if not _triton_importable():
-            raise _error("rope", "'triton' needs the triton package, which is not installed")
+        _require_triton("rope", device_type)
         from sfd_train.kernels import rope
 
         return choice, rope.apply_rope
     raise _error("rope", f"unknown choice {choice!r}")
+
+
+def _choose_qk_norm_rope(choice: str, device_type: str) -> tuple[str, Callable | None]:
+    """None stands for 'separate': KernelOps composes the chosen rms_norm and rope."""
+    if choice in ("auto", "separate"):
+        # auto stays 'separate' until a GPU measurement of the compiled step shows the fused kernel ahead.
+        return "separate", None
+    if choice == "triton":
+        _require_triton("qk_norm_rope", device_type)
+        from sfd_train.kernels import qk_norm_rope
+
+        return choice, qk_norm_rope.qk_norm_rope
+    raise _error("qk_norm_rope", f"unknown choice {choice!r}")
+
+
+def _choose_swiglu(choice: str, device_type: str) -> tuple[str, Callable]:
+    if choice in ("auto", "reference"):
+        # auto stays the reference (Inductor fuses it) until a GPU measurement shows the kernel ahead.
+        return "reference", reference.swiglu
+    if choice == "triton":
+        _require_triton("swiglu", device_type)
+        from sfd_train.kernels import swiglu
+
+        return choice, swiglu.swiglu
+    raise _error("swiglu", f"unknown choice {choice!r}")
 
 
 def _inductor_when_compiled(kernel_fn: Callable, reference_fn: Callable) -> Callable:
@@ -204,9 +249,12 @@ def build_kernel_ops(config: KernelConfig | None = None, device_type: str | None
     rms_name, rms_norm, rms_norm_modulate = _choose_rms_norm(config.rms_norm, device_type)
     attn_name, attention = _choose_attention(config.attention, device_type, list(config.sdpa_backends))
     rope_name, apply_rope = _choose_rope(config.rope, device_type)
+    qk_name, qk_norm_rope = _choose_qk_norm_rope(config.qk_norm_rope, device_type)
+    swiglu_name, swiglu = _choose_swiglu(config.swiglu, device_type)
     if attn_name == "sdpa" and config.sdpa_backends:
         attn_name = f"sdpa[{','.join(config.sdpa_backends)}]"
-    names = {"rms_norm": rms_name, "attention": attn_name, "rope": rope_name}
+    names = {"rms_norm": rms_name, "attention": attn_name, "rope": rope_name, "qk_norm_rope": qk_name,
+             "swiglu": swiglu_name}
     if config.inside_compile == "inductor":
         if rms_name in ("triton", "apex"):
             rms_norm = _inductor_when_compiled(rms_norm, reference.rms_norm)
@@ -223,5 +271,7 @@ def build_kernel_ops(config: KernelConfig | None = None, device_type: str | None
         rms_norm_modulate=rms_norm_modulate,
         attention=attention,
         apply_rope=apply_rope,
+        qk_norm_rope=qk_norm_rope,
+        swiglu=swiglu,
         names=names,
     )

@@ -51,6 +51,43 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_pairs(x) * sin
 
 
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+    eps: float = 1e-6,
+    *,
+    norm=rms_norm,
+    rotate=apply_rope,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention's input stage: split ``qkv`` into heads, RMSNorm q and k over the head dim, then RoPE.
+
+    Args:
+        qkv: ``(B, N, 3, H, D_h)``, the qkv Linear's output.
+        q_weight, k_weight: ``(D_h,)`` RMSNorm weights of q and k.
+        rope: ``(cos, sin)`` tables ``(N, D_h)``, or None for no rotary embedding.
+        eps: added to the mean square.
+        norm, rotate: the RMSNorm and RoPE ops to compose (the dispatch passes the ones it chose).
+
+    Returns:
+        ``(q, k, v)``, each ``(B, H, N, D_h)``; v is a view of qkv. With RoPE, q and k are cast
+        back to v's dtype (the tables are fp32 buffers; this is what autocast would do).
+    """
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = norm(q, q_weight, eps), norm(k, k_weight, eps)
+    if rope is not None:
+        q = rotate(q, *rope).to(v.dtype)
+        k = rotate(k, *rope).to(v.dtype)
+    return q, k, v
+
+
+def swiglu(x12: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gate ``silu(x1) * x2`` with ``x1, x2 = x12.chunk(2, -1)`` (x12: the w12 Linear's output)."""
+    x1, x2 = x12.chunk(2, dim=-1)
+    return F.silu(x1) * x2
+
+
 def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm without affine parameters (LightningDiT's norm when RMSNorm is off)."""
     return F.layer_norm(x, (x.shape[-1],), eps=eps)

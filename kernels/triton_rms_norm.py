@@ -221,6 +221,17 @@ def _alignment(x: torch.Tensor, D: int, strides, dense: tuple) -> int:
     return max(align, 1)
 
 
+def vector_alignment(n: int, element_size: int) -> int:
+    """Largest power of two, at most one 16-byte vector, that divides n.
+
+    The ``ALIGN`` hint (in elements) for row offsets that are multiples of n.
+    """
+    align = 16 // element_size
+    while n % align:
+        align //= 2
+    return align
+
+
 _SM_COUNT: dict = {}
 
 

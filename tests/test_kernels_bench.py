@@ -39,18 +39,44 @@ def test_help(name, capsys):
 
 
 def test_step_benchmark_runs_tiny_on_cpu(tmp_path):
-    out = _load("bench_step").main(["--device", "cpu", "--tiny", "--variants", "ours,eager,authors",
-                                    "--json", str(tmp_path / "step.json")])
+    variants = "ours,eager,authors,ours-step+rope=reference+qk_norm_rope=separate"
+    out = _load("bench_step").main(["--device", "cpu", "--tiny", "--variants", variants, "--depth", "3",
+                                    "--inductor", "max_autotune=False", "--json", str(tmp_path / "step.json")])
     results = {r["variant"]: r for r in out["results"]}
-    assert set(results) == {"ours", "eager", "authors"}
+    assert set(results) == set(variants.split(","))
     for r in results.values():
         assert r["step_ms"] > 0 and r["loss"] == r["loss"]  # finite time, loss not NaN
+    assert "compile=step/" in results["ours-step+rope=reference+qk_norm_rope=separate"]["kernels"]
+    assert out["model"].startswith("custom-d3") and out["inductor"] == {"max_autotune": "False"}
     assert (tmp_path / "step.json").exists()
 
 
+def test_step_benchmark_variant_specs():
+    bench_step = _load("bench_step")
+    assert bench_step.parse_variant("authors+fused-adamw") == ("authors+fused-adamw", {})
+    assert bench_step.parse_variant("ours-graphs+qk_norm_rope=triton+swiglu=triton") == (
+        "ours-graphs", {"qk_norm_rope": "triton", "swiglu": "triton"})
+    for spec, message in (("ours+swiglu=fast", "kernels.swiglu"), ("eager+swiglu=triton", "'ours' variants"),
+                          ("ours+swiglu", "KEY=VALUE"), ("mine", "unknown variant"), ("ours+nokey=1", "nokey")):
+        with pytest.raises(SystemExit, match=message):
+            bench_step.parse_variant(spec)
+    assert bench_step.parse_inductor_setting("triton.cudagraphs=True") == ("triton.cudagraphs", True)
+    with pytest.raises(SystemExit, match="no Inductor setting"):
+        bench_step.parse_inductor_setting("no_such_setting=1")
+
+
 def test_kernel_benchmark_runs_tiny_on_cpu():
-    out = _load("bench_kernels").main(["--device", "cpu", "--tiny", "--sections", "rms_norm,attention", "--rep-ms", "5"])
-    assert out["results"] and all(r["ms"] > 0 for rows in out["results"].values() for r in rows)
+    out = _load("bench_kernels").main(["--device", "cpu", "--tiny", "--sections", "rms_norm,qk_norm_rope,swiglu,attention",
+                                       "--rep-ms", "5"])
+    assert len(out["results"]) == 4 and all(r["ms"] > 0 for rows in out["results"].values() for r in rows)
+
+
+def test_kernel_benchmark_tile_option():
+    bench_kernels = _load("bench_kernels")
+    assert bench_kernels.parse_qk_tiles("2048x8:1024x8,512x4:512x2") == [((2048, 8), (1024, 8)), ((512, 4), (512, 2))]
+    for text in ("512x4", "512:512x4", "ax4:512x4"):
+        with pytest.raises(SystemExit, match="--qk-tiles"):
+            bench_kernels.parse_qk_tiles(text)
 
 
 def test_kernel_families_of_a_profile():
@@ -64,6 +90,7 @@ def test_kernel_families_of_a_profile():
         ("void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata>", 210.0),
         ("Memset (Device)", 1.0),
         ("void at::native::reduce_kernel<128, 4>", 8.0),
+        ("_qk_norm_rope_bwd_kernel", 30.0),
     ] * 2
     rows = {family: (ms, count) for family, ms, count in bench_step.kernel_time_by_family(kernels, steps=2)}
     assert rows["gemm"] == (0.125, 2)
@@ -71,4 +98,5 @@ def test_kernel_families_of_a_profile():
     assert rows["attention"] == (0.05, 1)
     assert rows["optimizer"] == (0.21, 1)
     assert rows["copy / cast"] == (0.001, 1) and rows["other"] == (0.008, 1)
+    assert rows["ours (sfd kernels)"] == (0.03, 1)
     assert [f for f, _, _ in bench_step.kernel_time_by_family(kernels, 2)][0] == "optimizer"  # largest first

@@ -46,7 +46,8 @@ def _check_attention(fn, q, k, v):
 def test_cpu_auto_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     ops = build_kernel_ops()
-    assert ops.names == {"rms_norm": "reference", "attention": "sdpa", "rope": "reference"}
+    assert ops.names == {"rms_norm": "reference", "attention": "sdpa", "rope": "reference",
+                         "qk_norm_rope": "separate", "swiglu": "reference"}
     assert ops.rms_norm is reference.rms_norm and ops.rms_norm_modulate is reference.rms_norm_modulate
     assert ops.apply_rope is reference.apply_rope and ops.attention is sdpa_attention
     assert build_kernel_ops(KernelConfig(attention="reference"), "cpu").attention is reference.attention
@@ -62,14 +63,57 @@ def test_cuda_auto_choice_without_cuda_hardware(monkeypatch):
     from sfd_train.kernels import rope, triton_rms_norm
 
     ops = build_kernel_ops(KernelConfig(sdpa_backends=["cudnn", "flash"], inside_compile="kernels"), "cuda")
-    assert ops.names == {"rms_norm": "triton", "attention": "sdpa[cudnn,flash]", "rope": "triton"}
+    assert ops.names == {"rms_norm": "triton", "attention": "sdpa[cudnn,flash]", "rope": "triton",
+                         "qk_norm_rope": "separate", "swiglu": "reference"}
     assert ops.rms_norm is triton_rms_norm.rms_norm and ops.apply_rope is rope.apply_rope
     ops = build_kernel_ops(device_type="cuda")
     assert ops.names == {"rms_norm": "triton(compiled: inductor)", "attention": "sdpa",
-                         "rope": "triton(compiled: inductor)"}
+                         "rope": "triton(compiled: inductor)", "qk_norm_rope": "separate", "swiglu": "reference"}
     assert ops.rms_norm.__wrapped__ is triton_rms_norm.rms_norm
     assert ops.rms_norm_modulate.__wrapped__ is triton_rms_norm.rms_norm_modulate
     assert ops.apply_rope.__wrapped__ is rope.apply_rope
+
+
+def test_separate_qk_norm_rope_composes_the_chosen_ops(monkeypatch):
+    """'separate' is the reference composition of whatever rms_norm and rope were chosen (auto: separate)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    from sfd_train.kernels import qk_norm_rope, rope, triton_rms_norm
+
+    ops = build_kernel_ops(KernelConfig(inside_compile="kernels"), "cuda")
+    assert ops.qk_norm_rope.func is reference.qk_norm_rope
+    assert ops.qk_norm_rope.keywords == {"norm": triton_rms_norm.rms_norm, "rotate": rope.apply_rope}
+    assert REFERENCE_OPS.qk_norm_rope.keywords == {"norm": reference.rms_norm, "rotate": reference.apply_rope}
+    fused = build_kernel_ops(KernelConfig(qk_norm_rope="triton"), "cuda")
+    assert fused.qk_norm_rope is qk_norm_rope.qk_norm_rope and fused.names["qk_norm_rope"] == "triton"
+
+
+def test_swiglu_choice(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    from sfd_train.kernels import swiglu
+
+    assert build_kernel_ops(device_type="cuda").swiglu is reference.swiglu  # auto: the reference, for now
+    ops = build_kernel_ops(KernelConfig(swiglu="triton"), "cuda")
+    assert ops.swiglu is swiglu.swiglu and ops.names["swiglu"] == "triton"
+
+
+def test_reference_swiglu_is_the_model_expression():
+    x12 = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(reference.swiglu(x12), torch.nn.functional.silu(x12[..., :6]) * x12[..., 6:])
+
+
+def test_reference_qk_norm_rope_is_the_model_expression():
+    """The reference op is exactly what the published model computes: permute, unbind, norm, RoPE, cast."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 6, 3, 4, 16, generator=g).bfloat16()
+    qw, kw = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    cos, sin = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)
+    q, k, v = reference.qk_norm_rope(qkv, qw, kw, (cos, sin), 1e-6)
+    heads = qkv.permute(2, 0, 3, 1, 4)
+    assert torch.equal(v, heads[2]) and v.data_ptr() == qkv.data_ptr() + 2 * 4 * 16 * 2
+    expected_q = reference.apply_rope(reference.rms_norm(heads[0], qw, 1e-6), cos, sin).to(torch.bfloat16)
+    assert q.dtype == torch.bfloat16 and torch.equal(q, expected_q)
+    expected_k = reference.rms_norm(heads[1], kw, 1e-6)
+    assert torch.equal(reference.qk_norm_rope(qkv, qw, kw, None)[1], expected_k)
 
 
 class _GraphRecorder:
@@ -133,6 +177,10 @@ def test_compiled_cuda_ops_call_the_kernels_when_asked(monkeypatch):
         (KernelConfig(rms_norm="npu"), "kernels.rms_norm", "torch_npu"),
         (KernelConfig(attention="npu"), "kernels.attention", "torch_npu"),
         (KernelConfig(rope="triton"), "kernels.rope", "CUDA"),
+        (KernelConfig(qk_norm_rope="triton"), "kernels.qk_norm_rope", "CUDA"),
+        (KernelConfig(qk_norm_rope="fused"), "kernels.qk_norm_rope", "unknown"),
+        (KernelConfig(swiglu="triton"), "kernels.swiglu", "CUDA"),
+        (KernelConfig(swiglu="fused"), "kernels.swiglu", "unknown"),
         (KernelConfig(sdpa_backends=["fast"]), "kernels.sdpa_backends", "unknown"),
         (KernelConfig(inside_compile="never"), "kernels.inside_compile", "unknown"),
     ],

@@ -224,7 +224,8 @@ def _check_against_reference(fn, ref_fn, inputs, dtype, tol=None):
 def test_ascend_stack_is_detected_and_npu_ops_chosen(fake_npu):
     assert detect_device_type() == "npu"
     ops = build_kernel_ops(KernelConfig())
-    assert ops.names == {"rms_norm": "npu", "attention": "npu", "rope": "reference"}
+    assert ops.names == {"rms_norm": "npu", "attention": "npu", "rope": "reference",
+                         "qk_norm_rope": "separate", "swiglu": "reference"}
 
 
 @pytest.mark.parametrize("dtype", NPU_DTYPES)

@@ -1,4 +1,4 @@
-"""The Triton kernels (RMSNorm, RMSNorm + modulation, RoPE) against the reference.
+"""The Triton kernels (RMSNorm, RMSNorm + modulation, RoPE, fused q/k norm + RoPE, SwiGLU) against the reference.
 
 On the CPU they run under the Triton interpreter. ``TRITON_INTERPRET=1`` must be set
 before Triton compiles anything in a process, and in one pytest run other tests may
@@ -49,7 +49,9 @@ def _compare(fn, ref_fn, inputs, dtype, grad_tol_factor=2.0):
     errors = {"out": rel_err(out, ref_out)}
     assert errors["out"] < tol, f"forward: {errors}"
     for i, (a, b) in enumerate(zip(leaves, ref_leaves)):
-        if a is not None:
+        if a is not None and b.grad is None:  # the input did not reach the reference's output
+            assert a.grad is None or not a.grad.any(), f"gradient of input {i} should be zero: {a.grad}"
+        elif a is not None:
             errors[f"grad{i}"] = rel_err(a.grad, b.grad)
             assert errors[f"grad{i}"] < grad_tol_factor * tol, f"gradient of input {i}: {errors}"
     return errors
@@ -119,6 +121,44 @@ def check_rope(device, dtype, shape, strided=False):
     return _compare(ours, ref, (x,), dtype)
 
 
+def _qk_inputs(device, dtype, shape, weight_dtype=torch.float32):
+    """qkv ``(B, N, 3, H, D_h)``, q/k weights and RoPE tables for the fused input stage."""
+    batch, tokens, heads, head_dim = shape
+    qkv = _randn((batch, tokens, 3, heads, head_dim), dtype, device, 0, 1.5, 0.3)
+    q_weight = _randn((head_dim,), weight_dtype, device, 1, 0.2, 1.0)
+    k_weight = _randn((head_dim,), weight_dtype, device, 2, 0.2, 1.0)
+    tables = _randn((tokens, head_dim), torch.float32, device, 3), _randn((tokens, head_dim), torch.float32, device, 4)
+    return qkv, q_weight, k_weight, tables
+
+
+def check_qk_norm_rope(device, dtype, shape, with_rope=True, weight_dtype=torch.float32, outputs=(0, 1, 2)):
+    """The fused input stage vs the reference composition: q, k, v and the gradients of qkv and both weights.
+
+    ``outputs`` picks which of q, k, v reach the loss (the others get no gradient from autograd).
+    """
+    from sfd_train.kernels import qk_norm_rope
+
+    qkv, q_weight, k_weight, (cos, sin) = _qk_inputs(device, dtype, shape, weight_dtype)
+
+    def ours(qkv, qw, kw):
+        out = qk_norm_rope.qk_norm_rope(qkv, qw, kw, (cos, sin) if with_rope else None)
+        assert all(t.is_contiguous() and t.dtype == qkv.dtype for t in out)
+        return torch.cat([out[i].flatten() for i in outputs])
+
+    def ref(qkv, qw, kw):
+        out = reference.qk_norm_rope(qkv, qw, kw, (cos.double(), sin.double()) if with_rope else None)
+        return torch.cat([out[i].flatten() for i in outputs])
+
+    return _compare(ours, ref, (qkv, q_weight, k_weight), dtype)
+
+
+def check_swiglu(device, dtype, shape):
+    from sfd_train.kernels import swiglu
+
+    x12 = _randn(shape, dtype, device, 0, 2.0)
+    return _compare(swiglu.swiglu, reference.swiglu, (x12,), dtype)
+
+
 def check_many_strided_dims(device):
     """More than three non-mergeable leading dims: the op copies x and still agrees."""
     from sfd_train.kernels import triton_rms_norm
@@ -144,6 +184,21 @@ def check_opcheck(device):
     q = _randn((2, 3, 5, 16), torch.float32, device, 4).requires_grad_()
     cos, sin = _randn((5, 16), torch.float32, device, 5), _randn((5, 16), torch.float32, device, 6)
     torch.library.opcheck(torch.ops.sfd_kernels.rope.default, (q, cos, sin, False))
+    from sfd_train.kernels import qk_norm_rope  # noqa: F401
+
+    qkv, q_weight, k_weight, (cos, sin) = _qk_inputs(device, torch.float32, (2, 5, 3, 16))
+    for args in ((qkv, q_weight, k_weight, cos, sin, 1e-6), (qkv, q_weight, k_weight, None, None, 1e-6)):
+        args = tuple(t.requires_grad_() if isinstance(t, torch.Tensor) and t.dim() != 2 else t for t in args)
+        torch.library.opcheck(torch.ops.sfd_kernels.qk_norm_rope_fwd.default, args)
+    heads = [_randn((2, 3, 5, 16), torch.float32, device, 10 + i) for i in range(3)]
+    torch.library.opcheck(torch.ops.sfd_kernels.qk_norm_rope_bwd.default,
+                          (*heads, qkv.detach(), q_weight.detach(), k_weight.detach(), cos, sin, 1e-6))
+    from sfd_train.kernels import swiglu  # noqa: F401
+
+    x12 = _randn((2, 5, 24), torch.float32, device, 11).requires_grad_()
+    torch.library.opcheck(torch.ops.sfd_kernels.swiglu_fwd.default, (x12,))
+    torch.library.opcheck(torch.ops.sfd_kernels.swiglu_bwd.default, (_randn((2, 5, 12), torch.float32, device, 12),
+                                                                     x12.detach()))
 
 
 def check_compile(device, backend):
@@ -175,6 +230,58 @@ def check_compile(device, backend):
         assert rel_err(b, a) < 1e-5, rel_err(b, a)
 
 
+def check_compile_qk_norm_rope(device, backend):
+    """torch.compile(fullgraph=True) keeps the fused input stage as its custom op and agrees with eager."""
+    from sfd_train.kernels import qk_norm_rope
+
+    torch._dynamo.reset()
+
+    def stage(qkv, qw, kw, cos, sin):
+        q, k, v = qk_norm_rope.qk_norm_rope(qkv, qw, kw, (cos, sin))
+        return (q * k).sum(-1).square().mean() + (v * q).mean()
+
+    qkv, q_weight, k_weight, tables = _qk_inputs(device, torch.float32, (2, 6, 3, 16))
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+
+    grads = []
+    for fn in (stage, torch.compile(stage, backend=recording_backend, fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in (qkv, q_weight, k_weight)]
+        loss = fn(*leaves, *tables)
+        grads.append([loss] + list(torch.autograd.grad(loss, leaves)))
+    assert graphs and "sfd_kernels.qk_norm_rope_fwd" in graphs[0], graphs
+    for a, b in zip(*grads):
+        assert rel_err(b, a) < 1e-5, rel_err(b, a)
+
+
+def check_compile_swiglu(device, backend):
+    """torch.compile(fullgraph=True) keeps the SwiGLU kernel as its custom op and agrees with eager."""
+    from sfd_train.kernels import swiglu
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+
+    def mlp(x12):
+        return swiglu.swiglu(x12).square().mean()
+
+    x12 = _randn((2, 6, 40), torch.float32, device, 0)
+    results = []
+    for fn in (mlp, torch.compile(mlp, backend=recording_backend, fullgraph=True)):
+        leaf = x12.clone().requires_grad_()
+        loss = fn(leaf)
+        results.append([loss, *torch.autograd.grad(loss, [leaf])])
+    assert graphs and "sfd_kernels.swiglu_fwd" in graphs[0], graphs
+    for a, b in zip(*results):
+        assert rel_err(b, a) < 1e-5, rel_err(b, a)
+
+
 def check_autocast_dtype(device):
     """Under autocast an fp32 activation is normalised straight into the autocast dtype."""
     from sfd_train.kernels import triton_rms_norm
@@ -190,10 +297,15 @@ def check_autocast_dtype(device):
     assert triton_rms_norm.rms_norm(x, w).dtype == torch.float32
 
 
-def check_model(device, autocast_dtype=None):
-    """A tiny model with the Triton ops matches the same model with the reference ops."""
+def check_model(device, autocast_dtype=None, fused_qk=False, compile_backend=None):
+    """A tiny model with the Triton ops (optionally the fused q/k stage and SwiGLU) matches the model with the
+    reference ops.
+
+    With ``compile_backend`` our model runs as one ``torch.compile(fullgraph=True)`` graph (the
+    compile scope 'step' with the kernels kept as custom ops).
+    """
     from sfd_train.config.schema import ModelConfig
-    from sfd_train.kernels import REFERENCE_OPS, KernelOps, rope, triton_rms_norm
+    from sfd_train.kernels import REFERENCE_OPS, KernelOps, qk_norm_rope, rope, swiglu, triton_rms_norm
     from sfd_train.models import build_model
 
     cfg = ModelConfig(size="custom", depth=2, hidden_size=96, num_heads=6, input_size=4, num_classes=10,
@@ -203,7 +315,10 @@ def check_model(device, autocast_dtype=None):
         rms_norm_modulate=triton_rms_norm.rms_norm_modulate,
         attention=reference.attention,
         apply_rope=rope.apply_rope,
-        names={"rms_norm": "triton", "attention": "reference", "rope": "triton"},
+        qk_norm_rope=qk_norm_rope.qk_norm_rope if fused_qk else None,
+        swiglu=swiglu.swiglu if fused_qk else reference.swiglu,
+        names={"rms_norm": "triton", "attention": "reference", "rope": "triton",
+               "qk_norm_rope": "triton" if fused_qk else "separate", "swiglu": "triton" if fused_qk else "reference"},
     )
     torch.manual_seed(0)
     ref_model = build_model(cfg, REFERENCE_OPS).to(device).train()
@@ -219,6 +334,9 @@ def check_model(device, autocast_dtype=None):
     x = torch.randn(2, 48, 4, 4, generator=gen).to(device)
     t_tex, t_sem, y = torch.rand(2, generator=gen).to(device), torch.rand(2, generator=gen).to(device), torch.tensor([1, 10], device=device)
     results = []
+    if compile_backend is not None:
+        torch._dynamo.reset()
+        our_model = torch.compile(our_model, backend=compile_backend, fullgraph=True)
     for model in (ref_model, our_model):
         torch.manual_seed(1)
         with torch.autocast(device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
@@ -243,13 +361,30 @@ for _name, _dtype in DTYPES.items():
     INTERPRETED_CASES[f"rms_norm_modulate-{_name}-no-shift"] = (check_rms_norm_modulate, (_dtype, (2, 13, 64), False))
     INTERPRETED_CASES[f"rms_norm_modulate-{_name}-1792"] = (check_rms_norm_modulate, (_dtype, (2, 3, 1792)))
     INTERPRETED_CASES[f"rope-{_name}-strided72"] = (check_rope, (_dtype, (2, 3, 5, 72), True))
+    for _shape in ((2, 5, 3, 72), (1, 4, 2, 64), (2, 3, 2, 96)):
+        INTERPRETED_CASES[f"qk_norm_rope-{_name}-head{_shape[-1]}"] = (check_qk_norm_rope, (_dtype, _shape))
+    INTERPRETED_CASES[f"swiglu-{_name}-hidden3072"] = (check_swiglu, (_dtype, (1, 3, 6144)))
+    INTERPRETED_CASES[f"swiglu-{_name}-hidden20"] = (check_swiglu, (_dtype, (2, 7, 40)))
+    INTERPRETED_CASES[f"qk_norm_rope-{_name}-weight-in-dtype"] = (
+        check_qk_norm_rope, (_dtype, (2, 3, 2, 16), True, _dtype))
+INTERPRETED_CASES["qk_norm_rope-fp32-no-rope"] = (check_qk_norm_rope, (torch.float32, (2, 5, 3, 72), False))
+INTERPRETED_CASES["qk_norm_rope-bf16-no-rope"] = (check_qk_norm_rope, (torch.bfloat16, (2, 5, 3, 72), False))
+INTERPRETED_CASES["qk_norm_rope-fp32-v-unused"] = (
+    check_qk_norm_rope, (torch.float32, (2, 5, 3, 16), True, torch.float32, (0, 1)))
+INTERPRETED_CASES["qk_norm_rope-fp32-only-v"] = (
+    check_qk_norm_rope, (torch.float32, (2, 5, 3, 16), True, torch.float32, (2,)))
 INTERPRETED_CASES["rms_norm_modulate-fp32-no-weight"] = (check_rms_norm_modulate, (torch.float32, (2, 5, 32), True, False))
 INTERPRETED_CASES["rope-fp32-contiguous16"] = (check_rope, (torch.float32, (1, 2, 6, 16)))
 INTERPRETED_CASES["rms_norm-many-strided-dims"] = (check_many_strided_dims, ())
 INTERPRETED_CASES["custom-op-opcheck"] = (check_opcheck, ())
 INTERPRETED_CASES["compile-fullgraph-aot-eager"] = (check_compile, ("aot_eager",))
+INTERPRETED_CASES["compile-fullgraph-qk_norm_rope"] = (check_compile_qk_norm_rope, ("aot_eager",))
+INTERPRETED_CASES["compile-fullgraph-swiglu"] = (check_compile_swiglu, ("aot_eager",))
+INTERPRETED_CASES["swiglu-fp32-2d"] = (check_swiglu, (torch.float32, (9, 1026)))
 INTERPRETED_CASES["autocast-output-dtype"] = (check_autocast_dtype, ())
 INTERPRETED_CASES["model-fp32"] = (check_model, ())
+INTERPRETED_CASES["model-fp32-fused-qk"] = (check_model, (None, True))
+INTERPRETED_CASES["model-fp32-fused-qk-compiled"] = (check_model, (None, True, "aot_eager"))
 
 
 def _run_interpreted_cases() -> None:
@@ -315,9 +450,30 @@ def test_cuda_rms_norm_modulate(dtype, with_shift, shape):
 
 @pytest.mark.cuda
 @requires_cuda
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("head_dim", [64, 72, 96])
+@pytest.mark.parametrize("with_rope", [True, False])
+def test_cuda_qk_norm_rope(dtype, head_dim, with_rope):
+    # XL's attention input at batch 32 (1152 channels), and an odd token count.
+    check_qk_norm_rope("cuda", dtype, (32, 256, 1152 // head_dim, head_dim), with_rope)
+    check_qk_norm_rope("cuda", dtype, (3, 17, 5, head_dim), with_rope, dtype)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("shape", [(32, 256, 6144), (3, 17, 2 * 2048), (5, 2 * 1021)])
+def test_cuda_swiglu(dtype, shape):
+    check_swiglu("cuda", dtype, shape)  # XL's 3072 hidden units, XXL-like 2048, an odd width
+
+
+@pytest.mark.cuda
+@requires_cuda
 def test_cuda_custom_ops_and_inductor():
     check_opcheck("cuda")
     check_compile("cuda", "inductor")
+    check_compile_qk_norm_rope("cuda", "inductor")
+    check_compile_swiglu("cuda", "inductor")
     check_autocast_dtype("cuda")
 
 
@@ -326,6 +482,9 @@ def test_cuda_custom_ops_and_inductor():
 def test_cuda_model_matches_reference_ops():
     check_model("cuda")
     check_model("cuda", torch.bfloat16)
+    check_model("cuda", fused_qk=True)
+    check_model("cuda", torch.bfloat16, fused_qk=True)
+    check_model("cuda", torch.bfloat16, fused_qk=True, compile_backend="inductor")
 
 
 @pytest.mark.cuda
@@ -334,7 +493,8 @@ def test_cuda_auto_dispatch():
     from sfd_train.kernels import build_kernel_ops
 
     assert build_kernel_ops().names == {
-        "rms_norm": "triton(compiled: inductor)", "attention": "sdpa", "rope": "triton(compiled: inductor)"}
+        "rms_norm": "triton(compiled: inductor)", "attention": "sdpa", "rope": "triton(compiled: inductor)",
+        "qk_norm_rope": "separate", "swiglu": "reference"}
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ through the :class:`~sfd_train.kernels.KernelOps` the model was built with.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sfd_train.kernels import KernelOps
@@ -69,16 +68,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
         self._attention = ops.attention
         self._apply_rope = ops.apply_rope
+        # RMSNorm q/k norms (the published models): the input stage is one op, which may be fused.
+        self._qk_norm_rope = ops.qk_norm_rope if isinstance(self.q_norm, RMSNorm) else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            # The tables are fp32 buffers; bring q/k back to v's dtype (what autocast would do).
-            q = self._apply_rope(q, *rope).to(v.dtype)
-            k = self._apply_rope(k, *rope).to(v.dtype)
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+        if self._qk_norm_rope is not None:
+            q, k, v = self._qk_norm_rope(qkv, self.q_norm.weight, self.k_norm.weight, rope, self.q_norm.eps)
+        else:  # LayerNorm or no q/k norm
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                # The tables are fp32 buffers; bring q/k back to v's dtype (what autocast would do).
+                q = self._apply_rope(q, *rope).to(v.dtype)
+                k = self._apply_rope(k, *rope).to(v.dtype)
         out = self._attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
@@ -86,14 +90,14 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     """``w3(silu(x1) * x2)`` with ``x1, x2 = w12(x).chunk(2)``."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, ops: KernelOps):
         super().__init__()
         self.w12 = nn.Linear(dim, 2 * hidden, bias=True)
         self.w3 = nn.Linear(hidden, dim, bias=True)
+        self._gate = ops.swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(x1) * x2)
+        return self.w3(self._gate(self.w12(x)))
 
 
 class GeluMLP(nn.Module):
@@ -132,7 +136,7 @@ class DiTBlock(nn.Module):
         self.attn = Attention(dim, num_heads, use_qknorm, use_rmsnorm, ops)
         self.norm2 = make_norm(dim, use_rmsnorm, ops)
         if use_swiglu:
-            self.mlp: nn.Module = SwiGLU(dim, int(2 / 3 * mlp_ratio * dim))
+            self.mlp: nn.Module = SwiGLU(dim, int(2 / 3 * mlp_ratio * dim), ops)
         else:
             self.mlp = GeluMLP(dim, int(mlp_ratio * dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (4 if wo_shift else 6) * dim, bias=True))
