@@ -318,11 +318,10 @@ def bench_qk_norm_rope(b: Bench, dtype, ours_available: bool):
         "compile(reference)": fwd_bwd(_compiled(stage(reference.qk_norm_rope)), inputs, grads),
     }
     if ours_available:
-        import functools
+        from sfd_train.kernels import KernelOps, qk_norm_rope, rope as triton_rope, triton_rms_norm
 
-        from sfd_train.kernels import qk_norm_rope, rope as triton_rope, triton_rms_norm
-
-        separate = functools.partial(reference.qk_norm_rope, norm=triton_rms_norm.rms_norm, rotate=triton_rope.apply_rope)
+        # The 'separate' composition, as KernelOps builds it from the chosen norm and RoPE.
+        separate = KernelOps(rms_norm=triton_rms_norm.rms_norm, apply_rope=triton_rope.apply_rope).qk_norm_rope
         variants["separate triton norm + rope"] = fwd_bwd(stage(separate), inputs, grads)
         variants["fused triton (ours)"] = fwd_bwd(stage(qk_norm_rope.qk_norm_rope), inputs, grads)
         variants["compile(fused triton ours)"] = fwd_bwd(_compiled(stage(qk_norm_rope.qk_norm_rope)), inputs, grads)

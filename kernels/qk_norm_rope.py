@@ -36,6 +36,20 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
+def _row_offsets(rows, tokens, heads, D, ALIGN: tl.constexpr):
+    """Row ``(b, h, n)`` of the head-major tensors -> ``(n, its q offset in qkv, its offset in q)``.
+
+    Every offset is a multiple of D, hence of ALIGN (checked by the launcher): 16-byte accesses.
+    """
+    n = rows % tokens
+    h = (rows // tokens) % heads
+    b = rows // (tokens * heads)
+    src = tl.multiple_of((b.to(tl.int64) * tokens + n) * (3 * heads * D) + h * D, ALIGN)
+    dst = tl.multiple_of(rows.to(tl.int64) * D, ALIGN)
+    return n, src, dst
+
+
+@triton.jit
 def _normed_rotated(X, W, src, cols, mask, col_mask, cos, sin, sign, D, eps, HAS_ROPE: tl.constexpr):
     """``rope(rms_norm(x) * w)`` of a tile of rows of x (fp32)."""
     x = tl.load(X + src[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -66,13 +80,8 @@ def _qk_norm_rope_fwd_kernel(
     row_mask = rows < n_rows
     col_mask = cols < D
     mask = row_mask[:, None] & col_mask[None, :]
-    n = rows % tokens
-    h = (rows // tokens) % heads
-    b = rows // (tokens * heads)
+    n, src, dst = _row_offsets(rows, tokens, heads, D, ALIGN)
     width = heads * D  # one of q, k, v for one token
-    # Every offset is a multiple of D, hence of ALIGN (checked by the launcher): 16-byte accesses.
-    src = tl.multiple_of((b.to(tl.int64) * tokens + n) * (3 * width) + h * D, ALIGN)
-    dst = tl.multiple_of(rows.to(tl.int64) * D, ALIGN)
     cos = 0.0
     sin = 0.0
     sign = 0.0
@@ -134,11 +143,8 @@ def _qk_norm_rope_bwd_kernel(
         rows = first + tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_mask = rows < n_rows
         mask = row_mask[:, None] & col_mask[None, :]
-        n = rows % tokens
-        h = (rows // tokens) % heads
-        b = rows // (tokens * heads)
-        src = tl.multiple_of((b.to(tl.int64) * tokens + n) * (3 * width) + h * D, ALIGN)
-        out = tl.multiple_of(rows.to(tl.int64) * D, ALIGN)[:, None] + cols[None, :]
+        n, src, dst = _row_offsets(rows, tokens, heads, D, ALIGN)
+        out = dst[:, None] + cols[None, :]
         cos = 0.0
         sin_partner = 0.0
         sign = 0.0
