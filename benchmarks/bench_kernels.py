@@ -9,6 +9,10 @@ Sections (all forward + backward unless noted, random inputs):
                 q/k RMSNorm, RoPE, split into heads, with the gradient back into qkv's layout;
                 the reference composition vs the separate Triton kernels vs the fused kernel
                 (``--qk-tiles`` times other tiles of the fused kernel)
+  add_rms_norm  a block's gated residual x + gate * branch with the next RMSNorm + modulation, (32, 256, 1152):
+                fp32 stream, bf16 branch, gate and output under autocast, as in the model; the reference
+                composition vs the separate Triton norm vs the fused kernel (``--norm-bwd-tiles``
+                times other tiles of the norm backward)
   swiglu        SwiGLU's gate silu(x1) * x2 on the w12 output (batch * tokens, 2 * 3072), XL's MLP
   attention     softmax attention, same shape: reference vs SDPA and its pinned backends
 
@@ -59,6 +63,17 @@ def parse_qk_tiles(text: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     return pairs
 
 
+def parse_row_tiles(text: str) -> list[tuple[int, int]]:
+    """``"2x8,4x16"`` -> ``[(2, 8), (4, 16)]`` (rows per program x warps)."""
+    tiles = []
+    for item in filter(None, text.split(",")):
+        rows, sep, warps = item.partition("x")
+        if not sep or not rows.isdigit() or not warps.isdigit():
+            raise SystemExit(f"--norm-bwd-tiles: {item!r} is not ROWSxWARPS (e.g. 2x8)")
+        tiles.append((int(rows), int(warps)))
+    return tiles
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where to run (cpu: smoke run, no Triton)")
@@ -71,11 +86,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=256, help="tokens per sample")
     p.add_argument("--heads", type=int, default=16, help="attention heads (head dim = hidden / heads)")
     p.add_argument("--mlp-hidden", type=int, default=3072, help="SwiGLU hidden units (XL: int(2/3 * 4 * 1152))")
-    p.add_argument("--sections", default="rms_norm,modulate,qk_norm,rope,qk_norm_rope,swiglu,attention",
+    p.add_argument("--sections", default="rms_norm,modulate,qk_norm,rope,qk_norm_rope,add_rms_norm,swiglu,attention",
                    help="comma-separated sections")
     p.add_argument("--qk-tiles", default="",
                    help="extra tiles of the fused q/k norm + RoPE to time, as FWD:BWD pairs of VALUESxWARPS "
                         "(values per tensor per program), comma-separated, e.g. '2048x8:1024x8,512x4:512x2'")
+    p.add_argument("--norm-bwd-tiles", default="",
+                   help="extra tiles of the RMSNorm backward to time in the add_rms_norm section, as ROWSxWARPS "
+                        "(rows per program, warps), comma-separated, e.g. '1x4,4x16'")
     p.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement (ms)")
     p.add_argument("--graph", action="store_true",
                    help="also time CUDA-graph replays (GPU time without launch overhead); off by default "
@@ -85,6 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     args.qk_tiles = parse_qk_tiles(args.qk_tiles)
+    args.norm_bwd_tiles = parse_row_tiles(args.norm_bwd_tiles)
     if args.compile_backend is None:
         args.compile_backend = "inductor" if args.device == "cuda" else "aot_eager"
     if args.tiny:
@@ -344,6 +363,55 @@ def bench_qk_norm_rope(b: Bench, dtype, ours_available: bool):
               nbytes, variants)
 
 
+def bench_add_rms_norm(b: Bench, dtype, ours_available: bool):
+    a = b.args
+    dev = a.device
+    shape = (a.batch, a.tokens, a.hidden)
+    x = torch.randn(shape, device=dev, requires_grad=True)  # the fp32 residual stream
+    branch = torch.randn(shape, device=dev, dtype=dtype, requires_grad=True)
+    gate, shift = (torch.randn(a.batch, a.hidden, device=dev, dtype=dtype, requires_grad=True) for _ in range(2))
+    scale = (0.1 * torch.randn(a.batch, a.hidden, device=dev)).to(dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(a.hidden, device=dev)).requires_grad_()  # an fp32 parameter
+    grads = (torch.randn(shape, device=dev), torch.randn(shape, device=dev, dtype=dtype))
+    inputs = [x, branch, gate, w, shift, scale]
+
+    def as_model(fn):  # under autocast, as in the training step; the next Linear reads h in bf16
+        def run(*args):
+            with torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
+                x_new, h = fn(*args)
+            return x_new, h.to(dtype)
+        return run
+
+    variants: dict[str, Callable | None] = {
+        "eager reference": fwd_bwd(as_model(reference.add_rms_norm_modulate), inputs, grads),
+        "compile(reference)": fwd_bwd(_compiled(as_model(reference.add_rms_norm_modulate)), inputs, grads),
+    }
+    if ours_available:
+        from sfd_train.kernels import KernelOps, triton_rms_norm
+
+        separate = KernelOps(rms_norm_modulate=triton_rms_norm.rms_norm_modulate).add_rms_norm_modulate
+        variants["torch add, triton norm+modulate"] = fwd_bwd(as_model(separate), inputs, grads)
+        variants["fused triton (ours)"] = fwd_bwd(as_model(triton_rms_norm.add_rms_norm_modulate), inputs, grads)
+        variants["compile(fused triton ours)"] = fwd_bwd(
+            _compiled(as_model(triton_rms_norm.add_rms_norm_modulate)), inputs, grads)
+        fused = variants["fused triton (ours)"]
+        for rows, warps in a.norm_bwd_tiles:
+            def with_tile(run=fused, rows=rows, warps=warps):
+                chosen = triton_rms_norm._bwd_tile
+                triton_rms_norm._bwd_tile = lambda D: (*chosen(D)[:2], rows, warps)
+                try:
+                    run()
+                finally:
+                    triton_rms_norm._bwd_tile = chosen
+
+            variants[f"fused, backward tile {rows}x{warps}"] = with_tile
+    # Forward reads x (4 B), branch (2 B), writes x_new (4 B), h (2 B); backward reads dh, d(x_new), x_new,
+    # branch and writes dx, d(branch): 30 bytes per element.
+    nbytes = 30 * x.numel()
+    b.section(f"gated residual + RMSNorm + modulate fwd+bwd ({a.batch} x {a.tokens} x {a.hidden}), fp32 stream, "
+              f"{a.dtype}", nbytes, variants)
+
+
 def bench_swiglu(b: Bench, dtype, ours_available: bool):
     a = b.args
     x12 = torch.randn(a.batch * a.tokens, 2 * a.mlp_hidden, device=a.device, dtype=dtype, requires_grad=True)
@@ -419,6 +487,8 @@ def main(argv=None) -> dict:
         bench_rope(bench, dtype, ours_available)
     if "qk_norm_rope" in sections:
         bench_qk_norm_rope(bench, dtype, ours_available)
+    if "add_rms_norm" in sections:
+        bench_add_rms_norm(bench, dtype, ours_available)
     if "swiglu" in sections:
         bench_swiglu(bench, dtype, ours_available)
     if "attention" in sections:

@@ -9,9 +9,9 @@
 #     bash benchmarks/gpu_suite.sh kernels          benchmarks/bench_kernels.py
 #     bash benchmarks/gpu_suite.sh step [VARIANTS [ARGS]]  benchmarks/bench_step.py (default: all variants;
 #                                                   ARGS go to it, e.g. --profile ours-step)
-#     bash benchmarks/gpu_suite.sh fused [VARIANTS] the fused q/k-stage and SwiGLU kernels: CUDA checks, kernel
-#                                                   benchmarks with a tile sweep, then the step with and without
-#                                                   them (benchmarks/NOTES.md, "Next lease"); about 8 minutes
+#     bash benchmarks/gpu_suite.sh fused [VARIANTS] the fused q/k-stage, residual + norm and SwiGLU kernels: CUDA
+#                                                   checks, kernel benchmarks with tile sweeps, then the step with
+#                                                   and without them (benchmarks/NOTES.md, "Next lease"); about 9 minutes
 #     bash benchmarks/gpu_suite.sh save-cache       Inductor's cache into $OUT as inductor-cache.tgz.NN
 # TAG=name names the step part's files step-name.json/.log, so one call can run several.
 # Compiling the whole XL step takes about 2 minutes per variant. To skip that in the lease's next
@@ -84,13 +84,13 @@ case "$part" in
     fused)
         # A failed check is reported, not fatal: the timings that follow still say where the kernels stand.
         "$python" -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py -m cuda \
-            -k "qk_norm_rope or swiglu or custom_ops or model_matches" 2>&1 | tee "$out/fused-tests.log" | tail -5 \
+            -k "qk_norm_rope or swiglu or add_rms_norm or rms_norm_modulate or custom_ops or model_matches" 2>&1 | tee "$out/fused-tests.log" | tail -5 \
             || echo "gpu_suite: fused-kernel CUDA checks FAILED (fused-tests.log)"
-        "$python" benchmarks/bench_kernels.py --sections qk_norm_rope,swiglu \
-            --qk-tiles "2048x8:1024x8,512x4:512x2,1024x8:512x8" --json "$out/fused-kernels.json" 2>&1 \
-            | tee "$out/fused-kernels.log" | tail -25
+        "$python" benchmarks/bench_kernels.py --sections qk_norm_rope,add_rms_norm,modulate,qk_norm,swiglu \
+            --qk-tiles "2048x8:1024x8,512x4:512x2,1024x8:512x8" --norm-bwd-tiles "1x4,1x8,4x16" \
+            --json "$out/fused-kernels.json" 2>&1 | tee "$out/fused-kernels.log" | tail -40
         # Each variant's JSON row is written as soon as it is timed, so a call cut short keeps the earlier ones.
-        variants=${2:-authors,ours-graphs+qk_norm_rope=triton+swiglu=triton,ours-graphs,ours-graphs+qk_norm_rope=triton}
+        variants=${2:-authors,ours-graphs+qk_norm_rope=triton+swiglu=triton+add_rms_norm=triton,ours-graphs,ours-graphs+qk_norm_rope=triton+swiglu=triton}
         "$python" benchmarks/bench_step.py --variants "$variants" --json "$out/fused-step.json" 2>&1 \
             | tee "$out/fused-step.log" | tail -25
         ;;

@@ -13,10 +13,12 @@ installed stack, so a forward pass has no per-call branching on the backend.
 | rope      | triton                      | reference                   | reference |
 | qk_norm_rope | separate (triton: opt-in) | separate                    | separate  |
 | swiglu    | reference (triton: opt-in)  | reference                   | reference |
+| add_rms_norm | separate (triton: opt-in) | separate                    | separate  |
 
 ``qk_norm_rope`` is the attention's input stage (q/k RMSNorm, RoPE, split into heads):
 ``separate`` composes the rms_norm and rope choices above. ``swiglu`` is the MLP's gate
-``silu(x1) * x2``. Their ``triton`` choices are one kernel each way that stays a kernel
+``silu(x1) * x2``. ``add_rms_norm`` is a block's pending gated residual ``x + gate * branch``
+with the next pre-norm and modulation (``separate`` composes the rms_norm choice). Their ``triton`` choices are one kernel each way that stays a kernel
 inside torch.compile too (``inside_compile`` does not apply: they exist to replace what
 Inductor generates between two GEMMs, or a GEMM and the attention).
 
@@ -55,15 +57,20 @@ class KernelOps:
     qk_norm_rope: Callable[..., tuple] | None = None
     """None: composed from this instance's ``rms_norm`` and ``apply_rope`` ('separate')."""
     swiglu: Callable[..., torch.Tensor] = reference.swiglu
+    add_rms_norm_modulate: Callable[..., tuple] | None = None
+    """None: composed from this instance's ``rms_norm_modulate`` ('separate')."""
     names: dict[str, str] = field(
         default_factory=lambda: {"rms_norm": "reference", "attention": "reference", "rope": "reference",
-                                 "qk_norm_rope": "separate", "swiglu": "reference"}
+                                 "qk_norm_rope": "separate", "swiglu": "reference", "add_rms_norm": "separate"}
     )
 
     def __post_init__(self):
         if self.qk_norm_rope is None:
             composed = functools.partial(reference.qk_norm_rope, norm=self.rms_norm, rotate=self.apply_rope)
             object.__setattr__(self, "qk_norm_rope", composed)
+        if self.add_rms_norm_modulate is None:
+            composed = functools.partial(reference.add_rms_norm_modulate, norm_modulate=self.rms_norm_modulate)
+            object.__setattr__(self, "add_rms_norm_modulate", composed)
 
 
 REFERENCE_OPS = KernelOps()
@@ -199,6 +206,19 @@ def _choose_qk_norm_rope(choice: str, device_type: str) -> tuple[str, Callable |
     raise _error("qk_norm_rope", f"unknown choice {choice!r}")
 
 
+def _choose_add_rms_norm(choice: str, device_type: str) -> tuple[str, Callable | None]:
+    """None stands for 'separate': KernelOps composes the residual add with the chosen rms_norm_modulate."""
+    if choice in ("auto", "separate"):
+        # auto stays 'separate' until a GPU measurement of the compiled step shows the fused kernel ahead.
+        return "separate", None
+    if choice == "triton":
+        _require_triton("add_rms_norm", device_type)
+        from sfd_train.kernels import triton_rms_norm
+
+        return choice, triton_rms_norm.add_rms_norm_modulate
+    raise _error("add_rms_norm", f"unknown choice {choice!r}")
+
+
 def _choose_swiglu(choice: str, device_type: str) -> tuple[str, Callable]:
     if choice in ("auto", "reference"):
         # auto stays the reference (Inductor fuses it) until a GPU measurement shows the kernel ahead.
@@ -251,10 +271,11 @@ def build_kernel_ops(config: KernelConfig | None = None, device_type: str | None
     rope_name, apply_rope = _choose_rope(config.rope, device_type)
     qk_name, qk_norm_rope = _choose_qk_norm_rope(config.qk_norm_rope, device_type)
     swiglu_name, swiglu = _choose_swiglu(config.swiglu, device_type)
+    add_name, add_rms_norm_modulate = _choose_add_rms_norm(config.add_rms_norm, device_type)
     if attn_name == "sdpa" and config.sdpa_backends:
         attn_name = f"sdpa[{','.join(config.sdpa_backends)}]"
     names = {"rms_norm": rms_name, "attention": attn_name, "rope": rope_name, "qk_norm_rope": qk_name,
-             "swiglu": swiglu_name}
+             "swiglu": swiglu_name, "add_rms_norm": add_name}
     if config.inside_compile == "inductor":
         if rms_name in ("triton", "apex"):
             rms_norm = _inductor_when_compiled(rms_norm, reference.rms_norm)
@@ -273,5 +294,6 @@ def build_kernel_ops(config: KernelConfig | None = None, device_type: str | None
         apply_rope=apply_rope,
         qk_norm_rope=qk_norm_rope,
         swiglu=swiglu,
+        add_rms_norm_modulate=add_rms_norm_modulate,
         names=names,
     )

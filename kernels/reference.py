@@ -33,6 +33,38 @@ def rms_norm_modulate(
     return modulate(rms_norm(x, weight, eps), shift, scale)
 
 
+def add_gated(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """The adaLN-Zero residual ``x + gate * branch`` with a per-sample gate ``(B, D)`` broadcast over tokens."""
+    return x + gate.unsqueeze(1) * branch
+
+
+def add_rms_norm_modulate(
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    norm_modulate=rms_norm_modulate,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's pending gated residual, then the next pre-norm: ``(x_new, norm_modulate(x_new))``.
+
+    Args:
+        x: ``(B, N, D)``, the residual stream.
+        branch: ``(B, N, D)``, the attention's or the MLP's output, not yet added.
+        gate: ``(B, D)``, its adaLN gate.
+        weight, shift, scale, eps: the next norm's weight and modulation, as in :func:`rms_norm_modulate`.
+        norm_modulate: the norm + modulation op to compose (the dispatch passes the one it chose).
+
+    Returns:
+        ``(x_new, y)`` with ``x_new = x + gate * branch`` and ``y`` the modulated norm of x_new.
+    """
+    x = add_gated(x, branch, gate)
+    return x, norm_modulate(x, weight, shift, scale, eps)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention with scale ``1/sqrt(D_h)``, computed in float32; ``(B, H, N, D_h)`` in and out."""
     scale = 1.0 / math.sqrt(q.shape[-1])

@@ -1,22 +1,30 @@
-"""Triton RMSNorm and RMSNorm + adaLN modulation, forward and backward.
+"""Triton RMSNorm, RMSNorm + adaLN modulation, and the gated residual + RMSNorm + modulation, forward and backward.
 
-One pair of kernels serves both ops (constexpr flags switch the weight, the scale and
-the shift on and off):
+One pair of kernels serves all three ops (constexpr flags switch the residual, the weight, the
+scale and the shift on and off)::
 
-    y = rms_norm(x) * weight * (1 + scale[b]) + shift[b]
+    x_new = x + gate[b] * branch                      (the residual, when given)
+    y = rms_norm(x_new) * weight * (1 + scale[b]) + shift[b]
 
 - Statistics and arithmetic in float32 whatever the input dtype (fp32, bf16, fp16).
 - The forward saves ``rstd`` (one fp32 per row), so the backward reads x and dy once.
 - The backward writes dx and, per program, partial sums of d(weight) (over all rows) and
-  of d(scale), d(shift) (over the tokens of one sample); a tiny torch ``sum`` finishes
+  of d(scale), d(shift), d(gate) (over the tokens of one sample); a tiny torch ``sum`` finishes
   them. Each program owns a run of rows of one sample, so no atomics are needed and the
-  result is deterministic.
+  result is deterministic. It holds a row in registers as two power-of-two pieces (1152 =
+  1024 + 128), not one padded to 2048: at XL's width that halves its registers, so two
+  programs fit on a multiprocessor.
+- The residual form exists for the model's block boundaries: each attention or MLP output is
+  added to the stream by the norm that reads the stream next. Its backward takes the norm's
+  gradient and the stream's own, and returns those of x, branch and gate in the same pass.
+  Inside the compiled XL step Inductor spent about 6 ms per step on these backwards and the
+  per-sample sums (benchmarks/NOTES.md); its bytes (18 per element) allow about 3.
 - x may be a strided view (the model's q/k are split from ``qkv`` by a permute): up to
   three leading dimensions are addressed with their own strides, so no copy is made.
 
 Two entry points wrap the kernels with identical numerics:
-- the custom ops ``torch.ops.sfd_kernels.rms_norm_fwd/bwd`` with autograd registered, which
-  ``torch.compile`` captures without a graph break (``torch.library.triton_op`` on real
+- the custom ops ``torch.ops.sfd_kernels.{rms_norm,add_rms_norm}_{fwd,bwd}`` with autograd
+  registered, which ``torch.compile`` captures without a graph break (``torch.library.triton_op`` on real
   Triton, so Inductor launches the kernels from its own code; ``custom_op`` with a fake
   implementation under the Triton interpreter, whose launches cannot be traced);
 - a plain ``torch.autograd.Function`` used in eager mode, where the custom-op dispatch
@@ -25,7 +33,9 @@ Two entry points wrap the kernels with identical numerics:
 Output dtype: under autocast the kernels write the autocast dtype (every consumer of a
 norm in the model is a Linear or SDPA, which would cast to it anyway, so this saves a
 full read and write of the activation); otherwise x's dtype. The reference returns the
-promoted dtype of x and the weight; values agree within the dtype's rounding.
+promoted dtype of x and the weight; values agree within the dtype's rounding. The stream
+``x_new`` has PyTorch's promoted dtype of x, branch and gate (fp32 for the model's stream);
+the kernel adds ``gate * branch`` in fp32 where the reference rounds the product to bf16 first.
 """
 
 import functools
@@ -43,10 +53,11 @@ MAX_HIDDEN = 16384
 
 @triton.jit
 def _rms_norm_fwd_kernel(
-    X, W, SHIFT, SCALE, Y, RSTD,
+    X, BRANCH, GATE, W, SHIFT, SCALE, X_OUT, Y, RSTD,
     n_rows, D, rows_per_sample,
     size1, size2, stride0, stride1, stride2,
     eps,
+    HAS_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -68,89 +79,187 @@ def _rms_norm_fwd_kernel(
     # 16-byte loads/stores even when D (72 for XL's heads) is not a multiple of 16.
     x_off = tl.multiple_of(x_off, ALIGN)
     x = tl.load(X + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y_off = tl.multiple_of(rows.to(tl.int64) * D, ALIGN)[:, None] + cols[None, :]
+    mod_off = (rows // rows_per_sample).to(tl.int64)[:, None] * D + cols[None, :]
+    if HAS_RESIDUAL:
+        # The pending gated residual x + gate[b] * branch, added in fp32; the norm reads the
+        # stored (rounded) sum, which is what the backward will read back.
+        gate = tl.load(GATE + mod_off, mask=mask, other=0.0).to(tl.float32)
+        branch = tl.load(BRANCH + y_off, mask=mask, other=0.0).to(tl.float32)
+        x_out = (x + gate * branch).to(X_OUT.dtype.element_ty)
+        tl.store(X_OUT + y_off, x_out, mask=mask)
+        x = x_out.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
     y = x * rstd[:, None]
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
         y = y * w[None, :]
     if HAS_SCALE:
-        mod_off = (rows // rows_per_sample).to(tl.int64)[:, None] * D + cols[None, :]
         scale = tl.load(SCALE + mod_off, mask=mask, other=0.0).to(tl.float32)
         y = y * (1.0 + scale)
         if HAS_SHIFT:
             y = y + tl.load(SHIFT + mod_off, mask=mask, other=0.0).to(tl.float32)
-    y_off = tl.multiple_of(rows.to(tl.int64) * D, ALIGN)[:, None] + cols[None, :]
     tl.store(Y + y_off, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
 @triton.jit
+def _piece_vector(PTR, row, cols, mask, PRESENT: tl.constexpr):
+    """A per-column vector (weight, scale, gate) over one piece in fp32; zeros for an absent input."""
+    if PRESENT:
+        vector = tl.load(PTR + row + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        vector = tl.zeros(cols.shape, dtype=tl.float32)
+    return vector
+
+
+@triton.jit
+def _bwd_piece_sums(X, DY, x_off, dense_off, cols, mask, rstd, w, gain, HAS_WEIGHT: tl.constexpr,
+                    HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """One column piece of a tile: ``(xhat, g = d(xhat), column sums of dy, of dy * xhat, row sums of g * xhat)``.
+
+    A column sum that no output needs is zeros (not computed).
+    """
+    x = tl.load(X + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + dense_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    xhat = x * rstd[:, None]
+    sum_dy = tl.zeros(cols.shape, dtype=tl.float32)
+    sum_dy_xhat = tl.zeros(cols.shape, dtype=tl.float32)
+    if HAS_SHIFT:
+        sum_dy = tl.sum(dy, axis=0)
+    if HAS_WEIGHT or HAS_SCALE:
+        sum_dy_xhat = tl.sum(dy * xhat, axis=0)
+    # y = xhat * w * gain + shift: walk the chain back to d(xhat).
+    g = dy
+    if HAS_SCALE:
+        g = g * gain[None, :]
+    if HAS_WEIGHT:
+        g = g * w[None, :]
+    return xhat, g, sum_dy, sum_dy_xhat, tl.sum(g * xhat, axis=1)
+
+
+@triton.jit
+def _bwd_piece_store(DX, DX_OUT, BRANCH, DBRANCH, dense_off, cols, mask, xhat, g, proj, rstd, gate,
+                     HAS_RESIDUAL: tl.constexpr, HAS_DX_OUT: tl.constexpr):
+    """Writes one column piece of dx (and of dbranch); returns its column sums of dx * branch (d(gate))."""
+    offsets = dense_off[:, None] + cols[None, :]
+    # d(x * rstd) / dx: rstd * (g - xhat * mean(g * xhat)).
+    dx = (g - xhat * proj[:, None]) * rstd[:, None]
+    dgate = tl.zeros_like(gate)
+    if HAS_RESIDUAL:
+        # x was x_in + gate[b] * branch: its gradient (plus the one from the stream's later
+        # readers, DX_OUT) flows to x_in unchanged, and to branch and gate through the product.
+        if HAS_DX_OUT:
+            dx += tl.load(DX_OUT + offsets, mask=mask, other=0.0).to(tl.float32)
+        branch = tl.load(BRANCH + offsets, mask=mask, other=0.0).to(tl.float32)
+        dgate = tl.sum(dx * branch, axis=0)
+        tl.store(DBRANCH + offsets, (dx * gate[None, :]).to(DBRANCH.dtype.element_ty), mask=mask)
+    tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+    return dgate
+
+
+@triton.jit
+def _bwd_piece_parts(DW_PART, DSHIFT_PART, DSCALE_PART, DGATE_PART, part, cols, col_mask, dy_xhat, dshift, dgate,
+                     w, gain, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                     HAS_SCALE: tl.constexpr):
+    """Stores one column piece of the program's partial sums.
+
+    d(weight) and d(scale) are both the column sums of dy * xhat times the product's other
+    factor; the program's rows are of one sample, so that factor is one vector for all of them.
+    """
+    if HAS_WEIGHT:
+        if HAS_SCALE:
+            tl.store(DW_PART + part + cols, dy_xhat * gain, mask=col_mask)
+        else:
+            tl.store(DW_PART + part + cols, dy_xhat, mask=col_mask)
+    if HAS_SHIFT:
+        tl.store(DSHIFT_PART + part + cols, dshift, mask=col_mask)
+    if HAS_SCALE:
+        if HAS_WEIGHT:
+            tl.store(DSCALE_PART + part + cols, dy_xhat * w, mask=col_mask)
+        else:
+            tl.store(DSCALE_PART + part + cols, dy_xhat, mask=col_mask)
+    if HAS_RESIDUAL:
+        tl.store(DGATE_PART + part + cols, dgate, mask=col_mask)
+
+
+@triton.jit
 def _rms_norm_bwd_kernel(
     DY, X, W, SCALE, RSTD, DX, DW_PART, DSHIFT_PART, DSCALE_PART,
+    DX_OUT, BRANCH, GATE, DBRANCH, DGATE_PART,
     rows_per_sample, D, rows_per_program,
     size1, size2, stride0, stride1, stride2,
     TILES_PER_PROGRAM: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_DX_OUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    PIECE_A: tl.constexpr,
+    PIECE_B: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
+    # A row is held in registers as two power-of-two pieces, [0, PIECE_A) and [PIECE_A, PIECE_A +
+    # PIECE_B), so that 1152 channels take 1024 + 128 lanes rather than 2048: the padding would
+    # otherwise cost a multiprocessor half its resident programs (tests/test_kernels_sm90.py).
     # Program (b, s) owns rows [s * rows_per_program, (s + 1) * rows_per_program) of sample b.
     sample = tl.program_id(0)
     split = tl.program_id(1)
     first = sample * rows_per_sample + split * rows_per_program
     last = sample * rows_per_sample + tl.minimum((split + 1) * rows_per_program, rows_per_sample)
-    cols = tl.arange(0, BLOCK_D)
-    col_mask = cols < D
-    if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        # One sample per program, so its modulation vector is loaded once.
-        gain = 1.0 + tl.load(SCALE + sample.to(tl.int64) * D + cols, mask=col_mask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dshift_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dscale_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    cols_a = tl.arange(0, PIECE_A)
+    cols_b = PIECE_A + tl.arange(0, PIECE_B)
+    mask_a = cols_a < D
+    mask_b = cols_b < D
+    # Per-sample vectors (one sample per program when there is a scale), loaded once.
+    mod_row = sample.to(tl.int64) * D
+    w_a = _piece_vector(W, 0, cols_a, mask_a, HAS_WEIGHT)
+    w_b = _piece_vector(W, 0, cols_b, mask_b, HAS_WEIGHT)
+    gain_a = 1.0 + _piece_vector(SCALE, mod_row, cols_a, mask_a, HAS_SCALE)
+    gain_b = 1.0 + _piece_vector(SCALE, mod_row, cols_b, mask_b, HAS_SCALE)
+    gate_a = _piece_vector(GATE, mod_row, cols_a, mask_a, HAS_RESIDUAL)
+    gate_b = _piece_vector(GATE, mod_row, cols_b, mask_b, HAS_RESIDUAL)
+    dshift_a = tl.zeros([PIECE_A], dtype=tl.float32)
+    dshift_b = tl.zeros([PIECE_B], dtype=tl.float32)
+    dy_xhat_a = tl.zeros([PIECE_A], dtype=tl.float32)
+    dy_xhat_b = tl.zeros([PIECE_B], dtype=tl.float32)
+    dgate_a = tl.zeros([PIECE_A], dtype=tl.float32)
+    dgate_b = tl.zeros([PIECE_B], dtype=tl.float32)
     # A constexpr trip count: Triton 3.6's interpreter cannot loop over a runtime scalar
     # (one compiled variant per count; training shapes give one or two).
     for tile in range(0, TILES_PER_PROGRAM):
         rows = first + tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_mask = rows < last
-        mask = row_mask[:, None] & col_mask[None, :]
         i2 = rows % size2
         i1 = (rows // size2) % size1
         i0 = rows // (size2 * size1)
         x_off = i0.to(tl.int64) * stride0 + i1.to(tl.int64) * stride1 + i2.to(tl.int64) * stride2
         x_off = tl.multiple_of(x_off, ALIGN)
-        x = tl.load(X + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dense_off = tl.multiple_of(rows.to(tl.int64) * D, ALIGN)[:, None] + cols[None, :]
-        dy = tl.load(DY + dense_off, mask=mask, other=0.0).to(tl.float32)
+        dense_off = tl.multiple_of(rows.to(tl.int64) * D, ALIGN)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-        xhat = x * rstd[:, None]
-        # y = xhat * w * gain + shift: walk the chain back to d(xhat).
-        if HAS_SHIFT:
-            dshift_acc += tl.sum(dy, axis=0)
-        if HAS_SCALE:
-            if HAS_WEIGHT:
-                dscale_acc += tl.sum(dy * xhat * w[None, :], axis=0)
-            else:
-                dscale_acc += tl.sum(dy * xhat, axis=0)
-            dy = dy * gain[None, :]
-        if HAS_WEIGHT:
-            dw_acc += tl.sum(dy * xhat, axis=0)
-            dy = dy * w[None, :]
-        # d(x * rstd) / dx: rstd * (g - xhat * mean(g * xhat)), g = d(xhat).
-        proj = tl.sum(dy * xhat, axis=1) / D
-        dx = (dy - xhat * proj[:, None]) * rstd[:, None]
-        tl.store(DX + dense_off, dx.to(DX.dtype.element_ty), mask=mask)
-    part = (sample * tl.num_programs(1) + split).to(tl.int64) * D + cols
-    if HAS_WEIGHT:
-        tl.store(DW_PART + part, dw_acc, mask=col_mask)
-    if HAS_SHIFT:
-        tl.store(DSHIFT_PART + part, dshift_acc, mask=col_mask)
-    if HAS_SCALE:
-        tl.store(DSCALE_PART + part, dscale_acc, mask=col_mask)
+        tile_a = row_mask[:, None] & mask_a[None, :]
+        tile_b = row_mask[:, None] & mask_b[None, :]
+        xhat_a, g_a, sum_dy, sum_dy_xhat, proj_a = _bwd_piece_sums(X, DY, x_off, dense_off, cols_a, tile_a, rstd,
+                                                                   w_a, gain_a, HAS_WEIGHT, HAS_SHIFT,
+                                                                   HAS_SCALE)
+        dshift_a += sum_dy
+        dy_xhat_a += sum_dy_xhat
+        xhat_b, g_b, sum_dy, sum_dy_xhat, proj_b = _bwd_piece_sums(X, DY, x_off, dense_off, cols_b, tile_b, rstd,
+                                                                   w_b, gain_b, HAS_WEIGHT, HAS_SHIFT,
+                                                                   HAS_SCALE)
+        dshift_b += sum_dy
+        dy_xhat_b += sum_dy_xhat
+        proj = (proj_a + proj_b) / D
+        dgate_a += _bwd_piece_store(DX, DX_OUT, BRANCH, DBRANCH, dense_off, cols_a, tile_a, xhat_a, g_a, proj, rstd,
+                                    gate_a, HAS_RESIDUAL, HAS_DX_OUT)
+        dgate_b += _bwd_piece_store(DX, DX_OUT, BRANCH, DBRANCH, dense_off, cols_b, tile_b, xhat_b, g_b, proj, rstd,
+                                    gate_b, HAS_RESIDUAL, HAS_DX_OUT)
+    part = (sample * tl.num_programs(1) + split).to(tl.int64) * D
+    _bwd_piece_parts(DW_PART, DSHIFT_PART, DSCALE_PART, DGATE_PART, part, cols_a, mask_a, dy_xhat_a, dshift_a,
+                     dgate_a, w_a, gain_a, HAS_RESIDUAL, HAS_WEIGHT, HAS_SHIFT, HAS_SCALE)
+    _bwd_piece_parts(DW_PART, DSHIFT_PART, DSCALE_PART, DGATE_PART, part, cols_b, mask_b, dy_xhat_b, dshift_b,
+                     dgate_b, w_b, gain_b, HAS_RESIDUAL, HAS_WEIGHT, HAS_SHIFT, HAS_SCALE)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -169,6 +278,25 @@ def _tile(D: int) -> Tuple[int, int, int]:
     block_rows = max(1, min(64, 4096 // block_d))
     num_warps = max(1, min(16, block_d * block_rows // 512))
     return block_d, block_rows, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_tile(D: int) -> Tuple[int, int, int, int]:
+    """``(PIECE_A, PIECE_B, BLOCK_ROWS, num_warps)`` of the backward: a row as two power-of-two pieces.
+
+    ``PIECE_A`` is the largest power of two up to D and ``PIECE_B`` covers the rest (at least 16
+    lanes, all masked when D is a power of two), so 1152 takes 1152 lanes, not 2048. About 2K values
+    per program: at XL's width that is 2 rows on 8 warps, whose registers (about 110 for the fused
+    residual backward) leave room for two programs per multiprocessor.
+    """
+    if D > MAX_HIDDEN:
+        raise ValueError(f"Triton RMSNorm supports rows of at most {MAX_HIDDEN} values, got {D}")
+    piece_a = 1 << (int(D).bit_length() - 1)
+    piece_b = max(16, triton.next_power_of_2(D - piece_a)) if D > piece_a else 16
+    width = piece_a + piece_b
+    block_rows = 1 << max(0, min(6, (2560 // width).bit_length() - 1))
+    num_warps = 1 << max(0, min(4, (block_rows * width // 256).bit_length() - 1))
+    return piece_a, piece_b, block_rows, num_warps
 
 
 def _leading_dims(x: torch.Tensor) -> Tuple[int, Tuple[int, int, int], Tuple[int, int, int]]:
@@ -252,34 +380,56 @@ def _direct(kernel):
 def _fwd(
     x: torch.Tensor, weight: Optional[torch.Tensor], shift: Optional[torch.Tensor],
     scale: Optional[torch.Tensor], eps: float, out_dtype: torch.dtype, launch=_direct,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    residual: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(y, rstd, x_new)``; with ``residual = (branch, gate)`` x is first replaced by
+    ``x_new = x + gate[b] * branch`` (contiguous ``(B, N, D)`` operands, scale given), else x_new is None."""
     x = _as_kernel_input(x)  # no-op on the public path; guards direct calls of the custom op
     D = x.shape[-1]
     rows, sizes, strides = _leading_dims(x)
     rows_per_sample = x.shape[1] if scale is not None else 1
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    branch, gate = residual if residual is not None else (None, None)
+    x_new = None
+    dense: tuple = (y,)
+    if residual is not None:
+        x_new = torch.empty(x.shape, dtype=_residual_dtype(x, branch, gate), device=x.device)
+        dense = (y, branch, x_new)
     block_d, block_rows, num_warps = _tile(int(D))
     launch(_rms_norm_fwd_kernel)[(triton.cdiv(rows, block_rows),)](
-        x, weight, shift, scale, y, rstd,
+        x, branch, gate, weight, shift, scale, x_new, y, rstd,
         rows, D, rows_per_sample,
         sizes[1], sizes[2], strides[0], strides[1], strides[2],
         eps,
+        HAS_RESIDUAL=residual is not None,
         HAS_WEIGHT=weight is not None,
         HAS_SHIFT=shift is not None,
         HAS_SCALE=scale is not None,
         BLOCK_ROWS=block_rows,
         BLOCK_D=block_d,
-        ALIGN=_alignment(x, D, strides, (y,)),
+        ALIGN=_alignment(x, D, strides, dense),
         num_warps=num_warps,
     )
-    return y, rstd
+    return y, rstd, x_new
+
+
+def _residual_dtype(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor) -> torch.dtype:
+    """The dtype of ``x + gate * branch`` under PyTorch's promotion (the residual stream keeps x's fp32)."""
+    return torch.promote_types(x.dtype, torch.promote_types(branch.dtype, gate.dtype))
 
 
 def _bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], has_shift: bool,
     scale: Optional[torch.Tensor], rstd: torch.Tensor, launch=_direct,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    residual: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, dx_out: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, ...]:
+    """``(dx, dweight, dshift, dscale, dbranch, dgate)``; an absent input's gradient is None.
+
+    With ``residual = (branch, gate)``, x is the forward's ``x_new`` and ``dx_out`` the gradient
+    that the stream's later readers sent to it (None: none did); dx is then the gradient of
+    the op's input x, and dbranch, dgate those of the residual's operands.
+    """
     x = _as_kernel_input(x)
     D = x.shape[-1]
     rows, sizes, strides = _leading_dims(x)
@@ -288,7 +438,7 @@ def _bwd(
         samples, rows_per_sample = x.shape[0], x.shape[1]
     else:
         samples, rows_per_sample = 1, rows
-    block_d, block_rows, num_warps = _tile(int(D))
+    piece_a, piece_b, block_rows, num_warps = _bwd_tile(int(D))
     # Enough programs to keep the memory system busy: a few waves over the SMs, and for
     # narrow rows (q/k norms) at most ~4 tiles per program; partial sums stay small.
     target = max(_target_programs(x.device), triton.cdiv(rows, 4 * block_rows))
@@ -297,28 +447,41 @@ def _bwd(
     splits = triton.cdiv(rows_per_sample, rows_per_program)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     parts = (samples * splits, D)
-    empty = x.new_empty(0, dtype=torch.float32)
-    dw_part = x.new_empty(parts, dtype=torch.float32) if weight is not None else empty
-    dshift_part = x.new_empty(parts, dtype=torch.float32) if has_shift else empty
-    dscale_part = x.new_empty(parts, dtype=torch.float32) if scale is not None else empty
+
+    def partial_sums(wanted: bool) -> Optional[torch.Tensor]:
+        return x.new_empty(parts, dtype=torch.float32) if wanted else None
+
+    dw_part, dshift_part, dscale_part = partial_sums(weight is not None), partial_sums(has_shift), partial_sums(
+        scale is not None)
+    branch, gate = residual if residual is not None else (None, None)
+    dbranch = torch.empty_like(branch) if residual is not None else None
+    dgate_part = partial_sums(residual is not None)
+    dx_out = dx_out.contiguous() if dx_out is not None else None
+    dense = (dy, dx) if residual is None else (dy, dx, branch, dbranch, *((dx_out,) if dx_out is not None else ()))
     launch(_rms_norm_bwd_kernel)[(samples, splits)](
         dy, x, weight, scale, rstd, dx, dw_part, dshift_part, dscale_part,
+        dx_out, branch, gate, dbranch, dgate_part,
         rows_per_sample, D, rows_per_program,
         sizes[1], sizes[2], strides[0], strides[1], strides[2],
         TILES_PER_PROGRAM=rows_per_program // block_rows,
+        HAS_RESIDUAL=residual is not None,
+        HAS_DX_OUT=dx_out is not None,
         HAS_WEIGHT=weight is not None,
         HAS_SHIFT=has_shift,
         HAS_SCALE=scale is not None,
         BLOCK_ROWS=block_rows,
-        BLOCK_D=block_d,
-        ALIGN=_alignment(x, D, strides, (dy, dx)),
+        PIECE_A=piece_a,
+        PIECE_B=piece_b,
+        ALIGN=_alignment(x, D, strides, dense),
         num_warps=num_warps,
     )
-    # Finish the reductions; empty tensors stand for "no such input" (custom ops cannot return None).
-    dw = dw_part.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
-    dshift = dshift_part.view(samples, splits, D).sum(1).to(scale.dtype) if has_shift else x.new_empty(0)
-    dscale = dscale_part.view(samples, splits, D).sum(1).to(scale.dtype) if scale is not None else x.new_empty(0)
-    return dx, dw, dshift, dscale
+
+    def per_sample(part: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return part.view(samples, splits, D).sum(1).to(like.dtype) if part is not None else None
+
+    # Finish the reductions (a tiny torch sum over the programs' partial sums).
+    dw = dw_part.sum(0).to(weight.dtype) if weight is not None else None
+    return dx, dw, per_sample(dshift_part, scale), per_sample(dscale_part, scale), dbranch, per_sample(dgate_part, gate)
 
 
 # --------------------------------------------------------------------------- custom ops (torch.compile)
@@ -386,7 +549,7 @@ def rms_norm_fwd_op(
     launch=_direct,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``(y, rstd)``."""
-    return _fwd(x, weight, shift, scale, eps, out_dtype, launch)
+    return _fwd(x, weight, shift, scale, eps, out_dtype, launch)[:2]
 
 
 def _rms_norm_bwd_fake(dy, x, weight, has_shift, scale, rstd):
@@ -410,7 +573,12 @@ def rms_norm_bwd_op(
     launch=_direct,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: ``(dx, dweight, dshift, dscale)``; an absent input gets an empty tensor."""
-    return _bwd(dy, x, weight, has_shift, scale, rstd, launch)
+    return _or_empty(x, _bwd(dy, x, weight, has_shift, scale, rstd, launch)[:4])
+
+
+def _or_empty(x: torch.Tensor, grads) -> tuple:
+    """None -> an empty tensor (custom ops cannot return None)."""
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 def _setup_context(ctx, inputs, output):
@@ -436,6 +604,81 @@ def _backward(ctx, dy, _drstd):
 rms_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _add_fwd_fake(x, branch, gate, weight, shift, scale, eps, out_dtype):
+    return (
+        x.new_empty(x.shape, dtype=_residual_dtype(x, branch, gate)),
+        x.new_empty(x.shape, dtype=out_dtype),
+        x.new_empty(x.shape[:-1], dtype=torch.float32),
+    )
+
+
+@register_op("sfd_kernels::add_rms_norm_fwd", _add_fwd_fake)
+def add_rms_norm_fwd_op(
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    gate: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    scale: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype,
+    launch=_direct,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward of the gated residual + norm + modulation: ``(x_new, y, rstd)``."""
+    y, rstd, x_new = _fwd(x, weight, shift, scale, eps, out_dtype, launch, residual=(branch, gate))
+    return x_new, y, rstd
+
+
+def _add_bwd_fake(dy, dx_out, x_new, branch, gate, weight, has_shift, scale, rstd):
+    none = x_new.new_empty(0)
+    return (
+        x_new.new_empty(x_new.shape),
+        branch.new_empty(branch.shape),
+        gate.new_empty(gate.shape),
+        weight.new_empty(weight.shape) if weight is not None else none,
+        scale.new_empty(scale.shape) if has_shift else none,
+        scale.new_empty(scale.shape),
+    )
+
+
+@register_op("sfd_kernels::add_rms_norm_bwd", _add_bwd_fake)
+def add_rms_norm_bwd_op(
+    dy: torch.Tensor,
+    dx_out: Optional[torch.Tensor],
+    x_new: torch.Tensor,
+    branch: torch.Tensor,
+    gate: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    has_shift: bool,
+    scale: torch.Tensor,
+    rstd: torch.Tensor,
+    launch=_direct,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: ``(dx, dbranch, dgate, dweight, dshift, dscale)``; an absent input gets an empty tensor."""
+    dx, dw, dshift, dscale, dbranch, dgate = _bwd(dy, x_new, weight, has_shift, scale, rstd, launch,
+                                                  residual=(branch, gate), dx_out=dx_out)
+    return _or_empty(x_new, (dx, dbranch, dgate, dw, dshift, dscale))
+
+
+def _add_setup_context(ctx, inputs, output):
+    _x, branch, gate, weight, shift, scale, _eps, _out_dtype = inputs
+    x_new, _y, rstd = output
+    ctx.save_for_backward(x_new, branch, gate, weight, scale, rstd)
+    ctx.has_shift = shift is not None
+
+
+def _add_backward(ctx, dx_out, dy, _drstd):
+    x_new, branch, gate, weight, scale, rstd = ctx.saved_tensors
+    if dy is None:  # only the stream reached the loss
+        dy = torch.zeros_like(x_new)
+    dx, dbranch, dgate, dw, dshift, dscale = torch.ops.sfd_kernels.add_rms_norm_bwd(
+        dy, dx_out, x_new, branch, gate, weight, ctx.has_shift, scale, rstd)
+    return dx, dbranch, dgate, dw if weight is not None else None, dshift if ctx.has_shift else None, dscale, None, None
+
+
+add_rms_norm_fwd_op.register_autograd(_add_backward, setup_context=_add_setup_context)
+
+
 # --------------------------------------------------------------------------- eager path
 
 
@@ -444,7 +687,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, shift, scale, eps, out_dtype):
-        y, rstd = _fwd(x, weight, shift, scale, eps, out_dtype)
+        y, rstd, _ = _fwd(x, weight, shift, scale, eps, out_dtype)
         ctx.save_for_backward(x, weight, scale, rstd)
         ctx.has_shift = shift is not None
         return y
@@ -452,15 +695,34 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, scale, rstd = ctx.saved_tensors
-        dx, dw, dshift, dscale = _bwd(dy, x, weight, ctx.has_shift, scale, rstd)
-        return (
-            dx if ctx.needs_input_grad[0] else None,
-            dw if weight is not None and ctx.needs_input_grad[1] else None,
-            dshift if ctx.has_shift and ctx.needs_input_grad[2] else None,
-            dscale if scale is not None and ctx.needs_input_grad[3] else None,
-            None,
-            None,
-        )
+        dx, dw, dshift, dscale, _, _ = _bwd(dy, x, weight, ctx.has_shift, scale, rstd)
+        return _if_needed(ctx, dx, dw, dshift, dscale, None, None)
+
+
+class _AddRMSNormFunction(torch.autograd.Function):
+    """The gated residual + norm + modulation kernels launched directly (eager mode)."""
+
+    @staticmethod
+    def forward(ctx, x, branch, gate, weight, shift, scale, eps, out_dtype):
+        y, rstd, x_new = _fwd(x, weight, shift, scale, eps, out_dtype, residual=(branch, gate))
+        ctx.save_for_backward(x_new, branch, gate, weight, scale, rstd)
+        ctx.has_shift = shift is not None
+        ctx.set_materialize_grads(False)  # a stream that nothing downstream read sends no gradient
+        return x_new, y
+
+    @staticmethod
+    def backward(ctx, dx_out, dy):
+        x_new, branch, gate, weight, scale, rstd = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(x_new)
+        dx, dw, dshift, dscale, dbranch, dgate = _bwd(dy, x_new, weight, ctx.has_shift, scale, rstd,
+                                                      residual=(branch, gate), dx_out=dx_out)
+        return _if_needed(ctx, dx, dbranch, dgate, dw, dshift, dscale, None, None)
+
+
+def _if_needed(ctx, *grads) -> tuple:
+    """Each gradient where autograd asked for it, else None."""
+    return tuple(g if wanted else None for g, wanted in zip(grads, ctx.needs_input_grad))
 
 
 # --------------------------------------------------------------------------- public ops
@@ -494,6 +756,13 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6)
     return _apply(x, weight, None, None, eps)
 
 
+def _check_modulation(x: torch.Tensor, shift: Optional[torch.Tensor], scale: torch.Tensor) -> None:
+    if x.dim() != 3 or scale.shape != (x.shape[0], x.shape[2]):
+        raise ValueError(f"expected x (B, N, D) and scale (B, D), got {tuple(x.shape)} and {tuple(scale.shape)}")
+    if shift is not None and shift.shape != scale.shape:
+        raise ValueError(f"shift {tuple(shift.shape)} must match scale {tuple(scale.shape)}")
+
+
 def rms_norm_modulate(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -510,9 +779,41 @@ def rms_norm_modulate(
         scale: ``(B, D)``.
         eps: added to the mean square.
     """
-    if x.dim() != 3 or scale.shape != (x.shape[0], x.shape[2]):
-        raise ValueError(f"expected x (B, N, D) and scale (B, D), got {tuple(x.shape)} and {tuple(scale.shape)}")
-    if shift is not None and shift.shape != scale.shape:
-        raise ValueError(f"shift {tuple(shift.shape)} must match scale {tuple(scale.shape)}")
+    _check_modulation(x, shift, scale)
     shift = shift.contiguous() if shift is not None else None
     return _apply(x, weight, shift, scale.contiguous(), eps)
+
+
+def add_rms_norm_modulate(
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    gate: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The gated residual and the next pre-norm in one pass each way (same contract as the reference op).
+
+    ``x_new = x + gate * branch``; ``y = rms_norm(x_new, weight) * (1 + scale) + shift``.
+
+    Args:
+        x: ``(B, N, D)``, the residual stream.
+        branch: ``(B, N, D)``, the output of the previous attention or MLP.
+        gate: ``(B, D)``, its adaLN gate.
+        weight, shift, scale, eps: as in :func:`rms_norm_modulate`.
+
+    Returns:
+        ``(x_new, y)``: the stream (PyTorch's promoted dtype of x, branch and gate) and the
+        normalised, modulated activation (dtype: see the module docstring).
+    """
+    _check_modulation(x, shift, scale)
+    if branch.shape != x.shape or gate.shape != scale.shape:
+        raise ValueError(f"expected branch {tuple(x.shape)} and gate {tuple(scale.shape)}, "
+                         f"got {tuple(branch.shape)} and {tuple(gate.shape)}")
+    args = (x.contiguous(), branch.contiguous(), gate.contiguous(), weight,
+            shift.contiguous() if shift is not None else None, scale.contiguous(), eps, _output_dtype(x))
+    if torch.compiler.is_compiling():
+        x_new, y, _ = torch.ops.sfd_kernels.add_rms_norm_fwd(*args)
+        return x_new, y
+    return _AddRMSNormFunction.apply(*args)

@@ -66,9 +66,9 @@ def test_step_benchmark_variant_specs():
 
 
 def test_kernel_benchmark_runs_tiny_on_cpu():
-    out = _load("bench_kernels").main(["--device", "cpu", "--tiny", "--sections", "rms_norm,qk_norm_rope,swiglu,attention",
-                                       "--rep-ms", "5"])
-    assert len(out["results"]) == 4 and all(r["ms"] > 0 for rows in out["results"].values() for r in rows)
+    out = _load("bench_kernels").main(["--device", "cpu", "--tiny", "--sections",
+                                       "rms_norm,qk_norm_rope,add_rms_norm,swiglu,attention", "--rep-ms", "5"])
+    assert len(out["results"]) == 5 and all(r["ms"] > 0 for rows in out["results"].values() for r in rows)
 
 
 def test_kernel_benchmark_tile_option():
@@ -77,6 +77,10 @@ def test_kernel_benchmark_tile_option():
     for text in ("512x4", "512:512x4", "ax4:512x4"):
         with pytest.raises(SystemExit, match="--qk-tiles"):
             bench_kernels.parse_qk_tiles(text)
+    assert bench_kernels.parse_row_tiles("2x8,4x16") == [(2, 8), (4, 16)]
+    for text in ("2", "2x", "x8"):
+        with pytest.raises(SystemExit, match="--norm-bwd-tiles"):
+            bench_kernels.parse_row_tiles(text)
 
 
 def test_kernel_families_of_a_profile():

@@ -47,7 +47,8 @@ def test_cpu_auto_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     ops = build_kernel_ops()
     assert ops.names == {"rms_norm": "reference", "attention": "sdpa", "rope": "reference",
-                         "qk_norm_rope": "separate", "swiglu": "reference"}
+                         "qk_norm_rope": "separate", "swiglu": "reference",
+                         "add_rms_norm": "separate"}
     assert ops.rms_norm is reference.rms_norm and ops.rms_norm_modulate is reference.rms_norm_modulate
     assert ops.apply_rope is reference.apply_rope and ops.attention is sdpa_attention
     assert build_kernel_ops(KernelConfig(attention="reference"), "cpu").attention is reference.attention
@@ -64,11 +65,13 @@ def test_cuda_auto_choice_without_cuda_hardware(monkeypatch):
 
     ops = build_kernel_ops(KernelConfig(sdpa_backends=["cudnn", "flash"], inside_compile="kernels"), "cuda")
     assert ops.names == {"rms_norm": "triton", "attention": "sdpa[cudnn,flash]", "rope": "triton",
-                         "qk_norm_rope": "separate", "swiglu": "reference"}
+                         "qk_norm_rope": "separate", "swiglu": "reference",
+                         "add_rms_norm": "separate"}
     assert ops.rms_norm is triton_rms_norm.rms_norm and ops.apply_rope is rope.apply_rope
     ops = build_kernel_ops(device_type="cuda")
     assert ops.names == {"rms_norm": "triton(compiled: inductor)", "attention": "sdpa",
-                         "rope": "triton(compiled: inductor)", "qk_norm_rope": "separate", "swiglu": "reference"}
+                         "rope": "triton(compiled: inductor)", "qk_norm_rope": "separate", "swiglu": "reference",
+                         "add_rms_norm": "separate"}
     assert ops.rms_norm.__wrapped__ is triton_rms_norm.rms_norm
     assert ops.rms_norm_modulate.__wrapped__ is triton_rms_norm.rms_norm_modulate
     assert ops.apply_rope.__wrapped__ is rope.apply_rope
@@ -94,6 +97,34 @@ def test_swiglu_choice(monkeypatch):
     assert build_kernel_ops(device_type="cuda").swiglu is reference.swiglu  # auto: the reference, for now
     ops = build_kernel_ops(KernelConfig(swiglu="triton"), "cuda")
     assert ops.swiglu is swiglu.swiglu and ops.names["swiglu"] == "triton"
+
+
+def test_add_rms_norm_choice(monkeypatch):
+    """'separate' (auto) adds, then calls the chosen norm + modulation; 'triton' is the fused kernel."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    from sfd_train.kernels import triton_rms_norm
+
+    ops = build_kernel_ops(KernelConfig(inside_compile="kernels"), "cuda")
+    assert ops.add_rms_norm_modulate.func is reference.add_rms_norm_modulate
+    assert ops.add_rms_norm_modulate.keywords == {"norm_modulate": triton_rms_norm.rms_norm_modulate}
+    fused = build_kernel_ops(KernelConfig(add_rms_norm="triton"), "cuda")
+    assert fused.add_rms_norm_modulate is triton_rms_norm.add_rms_norm_modulate
+    assert fused.names["add_rms_norm"] == "triton"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="kernels.add_rms_norm.*needs a CUDA device"):
+        build_kernel_ops(KernelConfig(add_rms_norm="triton"), "cpu")
+
+
+def test_reference_add_rms_norm_is_the_block_expression():
+    """The composed op computes what the block computed before the fusion: the add, then the norm of the sum."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, generator=g)
+    branch, gate = torch.randn(2, 5, 16, generator=g).bfloat16(), torch.randn(2, 16, generator=g).bfloat16()
+    w, shift, scale = torch.randn(16, generator=g), torch.randn(2, 16, generator=g), torch.randn(2, 16, generator=g)
+    x_new, y = reference.add_rms_norm_modulate(x, branch, gate, w, shift, scale, 1e-6)
+    expected = x + gate.unsqueeze(1) * branch
+    assert x_new.dtype == torch.float32 and torch.equal(x_new, expected)
+    assert torch.equal(y, reference.rms_norm_modulate(expected, w, shift, scale, 1e-6))
 
 
 def test_reference_swiglu_is_the_model_expression():

@@ -225,7 +225,8 @@ def test_ascend_stack_is_detected_and_npu_ops_chosen(fake_npu):
     assert detect_device_type() == "npu"
     ops = build_kernel_ops(KernelConfig())
     assert ops.names == {"rms_norm": "npu", "attention": "npu", "rope": "reference",
-                         "qk_norm_rope": "separate", "swiglu": "reference"}
+                         "qk_norm_rope": "separate", "swiglu": "reference",
+                         "add_rms_norm": "separate"}
 
 
 @pytest.mark.parametrize("dtype", NPU_DTYPES)

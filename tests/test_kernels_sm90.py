@@ -89,9 +89,9 @@ def _launches_at_xl_shapes(monkeypatch) -> dict:
     monkeypatch.setattr(qk_norm_rope, "_target_programs", lambda device: 4 * H100_SMS)
     recorded: dict = {}
 
-    def record(name, fn, *args):
+    def record(name, fn, *args, **kwargs):
         launch = _RecordedLaunch()
-        fn(*args, launch=launch)
+        fn(*args, launch=launch, **kwargs)
         (recorded[name],) = launch.launches
 
     batch, tokens, dim = 32, 256, 1152
@@ -102,6 +102,11 @@ def _launches_at_xl_shapes(monkeypatch) -> dict:
     rstd = _meta((batch, tokens), torch.float32)
     record("rms_norm_modulate bwd", triton_rms_norm._bwd, _meta((batch, tokens, dim)), residual, weight, True,
            modulation, rstd)
+    branch = _meta((batch, tokens, dim))  # the attention's or MLP's bf16 output, and its bf16 gate
+    record("add_rms_norm fwd", triton_rms_norm._fwd, residual, weight, modulation, modulation, 1e-6, torch.bfloat16,
+           residual=(branch, modulation))
+    record("add_rms_norm bwd", triton_rms_norm._bwd, _meta((batch, tokens, dim)), residual, weight, True,
+           modulation, rstd, residual=(branch, modulation), dx_out=residual)
     for head_dim in (64, 72, 96):
         heads = dim // head_dim
         qkv = _meta((batch, tokens, 3, heads, head_dim))
@@ -128,11 +133,22 @@ def _launches_at_xl_shapes(monkeypatch) -> dict:
 @pytest.fixture(scope="module")
 def resource_usage() -> dict:
     with pytest.MonkeyPatch.context() as monkeypatch:
-        return {name: _resource_usage(*launch) for name, launch in _launches_at_xl_shapes(monkeypatch).items()}
+        launches = _launches_at_xl_shapes(monkeypatch)
+    return {name: dict(_resource_usage(*launch), WARPS=launch[2]["num_warps"]) for name, launch in launches.items()}
+
+
+def resident_programs(registers: int, warps: int) -> int:
+    """Programs of ``warps`` warps one sm_90 multiprocessor holds at once, as its registers allow.
+
+    64K 32-bit registers per multiprocessor, allocated per warp in units of 256 (8 per thread);
+    at most 64 warps.
+    """
+    per_warp = -(-registers // 8) * 8 * 32
+    return min(65536 // (per_warp * warps), 64 // warps)
 
 
 CASES = [
-    "rms_norm_modulate fwd", "rms_norm_modulate bwd",
+    "rms_norm_modulate fwd", "rms_norm_modulate bwd", "add_rms_norm fwd", "add_rms_norm bwd",
     *(f"{op}, head {d}" for d in (64, 72, 96) for op in ("q/k rms_norm fwd", "q/k rms_norm bwd", "rope")),
     *(f"qk_norm_rope {way}, head {d}{tag}" for d in (64, 72, 96) for way in ("fwd", "bwd") for tag in ("", ", no rope")),
     "swiglu fwd", "swiglu bwd",
@@ -144,6 +160,33 @@ def test_compiles_for_sm90_without_spills(kernel, resource_usage):
     usage = resource_usage[kernel]
     assert usage["STACK"] == 0 and usage["LOCAL"] == 0, f"{kernel} spills registers on sm_90: {usage}"
     assert usage["REG"] < 255, usage
+
+
+# The memory-bound backward norms hold their tile in registers, and a multiprocessor needs bytes
+# in flight from more than one program to approach the HBM bandwidth: one program of 8 warps
+# leaves it waiting on its own loads between tiles.
+BACKWARDS_THAT_MUST_SHARE = ["add_rms_norm bwd", "rms_norm_modulate bwd", "q/k rms_norm bwd, head 72"]
+
+
+@pytest.mark.parametrize("kernel", BACKWARDS_THAT_MUST_SHARE)
+def test_backward_norms_leave_room_for_two_programs(kernel, resource_usage):
+    usage = resource_usage[kernel]
+    assert resident_programs(usage["REG"], usage["WARPS"]) >= 2, usage
+
+
+def test_a_padded_row_would_not_share(monkeypatch):
+    """The occupancy check can fail: 1152 channels padded to one 2048-lane piece hold one program per SM."""
+    from sfd_train.kernels import triton_rms_norm
+
+    monkeypatch.setattr(triton_rms_norm, "_bwd_tile", lambda D: (2048, 16, 2, 8))
+    monkeypatch.setattr(triton_rms_norm, "_target_programs", lambda device: 4 * H100_SMS)
+    launch = _RecordedLaunch()
+    stream, modulation = _meta((32, 256, 1152), torch.float32), _meta((32, 1152))
+    triton_rms_norm._bwd(_meta((32, 256, 1152)), stream, _meta((1152,), torch.float32), True, modulation,
+                         _meta((32, 256), torch.float32), launch=launch,
+                         residual=(_meta((32, 256, 1152)), modulation), dx_out=stream)
+    usage = _resource_usage(*launch.launches[0])
+    assert resident_programs(usage["REG"], 8) == 1, usage
 
 
 def test_every_recorded_launch_is_checked(resource_usage):

@@ -1,4 +1,5 @@
-"""The Triton kernels (RMSNorm, RMSNorm + modulation, RoPE, fused q/k norm + RoPE, SwiGLU) against the reference.
+"""The Triton kernels (RMSNorm, RMSNorm + modulation, gated residual + RMSNorm + modulation, RoPE, fused q/k
+norm + RoPE, SwiGLU) against the reference.
 
 On the CPU they run under the Triton interpreter. ``TRITON_INTERPRET=1`` must be set
 before Triton compiles anything in a process, and in one pytest run other tests may
@@ -102,6 +103,37 @@ def check_rms_norm_modulate(device, dtype, shape, with_shift=True, with_weight=T
     )
 
 
+def check_add_rms_norm(device, dtype, shape, with_shift=True, with_weight=True, stream_dtype=None, outputs=(0, 1)):
+    """The gated residual + norm + modulation vs the reference composition: both outputs, every gradient.
+
+    ``stream_dtype`` is x's dtype (the model's fp32 residual stream under bf16 autocast: the
+    branch and the gate are bf16); ``outputs`` picks which of ``(x_new, y)`` reach the loss.
+    """
+    from sfd_train.kernels import triton_rms_norm
+
+    batch, _, dim = shape
+    x = _randn(shape, stream_dtype or dtype, device, 0)
+    branch = _randn(shape, dtype, device, 1, 2.0)
+    gate = _randn((batch, dim), dtype, device, 2, 0.5)
+    weight = _randn((dim,), torch.float32, device, 3, 0.2, 1.0) if with_weight else None
+    shift = _randn((batch, dim), dtype, device, 4) if with_shift else None
+    scale = _randn((batch, dim), dtype, device, 5, 0.3)
+
+    def run(fn):
+        def op(x, branch, gate, weight, shift, scale):
+            out = fn(x, branch, gate, weight, shift, scale)
+            return torch.cat([out[i].float().flatten() for i in outputs])
+        return op
+
+    def ours(*args):
+        x_new, y = triton_rms_norm.add_rms_norm_modulate(*args)
+        assert x_new.dtype == triton_rms_norm._residual_dtype(*args[:3]) and y.dtype == x_new.dtype
+        return x_new, y
+
+    return _compare(run(ours), run(reference.add_rms_norm_modulate), (x, branch, gate, weight, shift, scale),
+                    dtype)
+
+
 def check_rope(device, dtype, shape, strided=False):
     from sfd_train.kernels import rope
 
@@ -199,6 +231,17 @@ def check_opcheck(device):
     torch.library.opcheck(torch.ops.sfd_kernels.swiglu_fwd.default, (x12,))
     torch.library.opcheck(torch.ops.sfd_kernels.swiglu_bwd.default, (_randn((2, 5, 12), torch.float32, device, 12),
                                                                      x12.detach()))
+    branch = _randn((2, 5, 32), torch.float32, device, 13).requires_grad_()
+    gate = _randn((2, 32), torch.float32, device, 14).requires_grad_()
+    for args in ((x, branch, gate, w, shift, scale, 1e-6, torch.float32),
+                 (x, branch, gate, None, None, scale, 1e-6, torch.bfloat16)):
+        torch.library.opcheck(torch.ops.sfd_kernels.add_rms_norm_fwd.default, args)
+    x_new, _, rstd = torch.ops.sfd_kernels.add_rms_norm_fwd(x, branch, gate, w, shift, scale, 1e-6, torch.float32)
+    dy = _randn((2, 5, 32), torch.float32, device, 15)
+    for dx_out in (dy * 0.5, None):
+        torch.library.opcheck(torch.ops.sfd_kernels.add_rms_norm_bwd.default,
+                              (dy, dx_out, x_new.detach(), branch.detach(), gate.detach(), w.detach(), True,
+                               scale.detach(), rstd.detach()))
 
 
 def check_compile(device, backend):
@@ -282,6 +325,36 @@ def check_compile_swiglu(device, backend):
         assert rel_err(b, a) < 1e-5, rel_err(b, a)
 
 
+def check_compile_add_rms_norm(device, backend):
+    """torch.compile(fullgraph=True) keeps the gated residual + norm as its custom op and agrees with eager."""
+    from sfd_train.kernels import triton_rms_norm
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+
+    def two_blocks(x, branch, gate, w, shift, scale):
+        x, h = triton_rms_norm.add_rms_norm_modulate(x, branch, gate, w, shift, scale)
+        x, h = triton_rms_norm.add_rms_norm_modulate(x, h.tanh(), gate, w, shift, scale)
+        return x.square().mean() + h.square().mean()
+
+    dim = 32
+    inputs = [_randn((2, 6, dim), torch.float32, device, 0), _randn((2, 6, dim), torch.float32, device, 1),
+              _randn((2, dim), torch.float32, device, 2), _randn((dim,), torch.float32, device, 3, 0.2, 1.0),
+              _randn((2, dim), torch.float32, device, 4), _randn((2, dim), torch.float32, device, 5, 0.3)]
+    results = []
+    for fn in (two_blocks, torch.compile(two_blocks, backend=recording_backend, fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        loss = fn(*leaves)
+        results.append([loss, *torch.autograd.grad(loss, leaves)])
+    assert graphs and graphs[0].count("sfd_kernels.add_rms_norm_fwd") == 2, graphs
+    for a, b in zip(*results):
+        assert rel_err(b, a) < 1e-5, rel_err(b, a)
+
+
 def check_autocast_dtype(device):
     """Under autocast an fp32 activation is normalised straight into the autocast dtype."""
     from sfd_train.kernels import triton_rms_norm
@@ -297,9 +370,9 @@ def check_autocast_dtype(device):
     assert triton_rms_norm.rms_norm(x, w).dtype == torch.float32
 
 
-def check_model(device, autocast_dtype=None, fused_qk=False, compile_backend=None):
-    """A tiny model with the Triton ops (optionally the fused q/k stage and SwiGLU) matches the model with the
-    reference ops.
+def check_model(device, autocast_dtype=None, fused=False, compile_backend=None):
+    """A tiny model with the Triton ops (optionally the fused q/k stage, SwiGLU and gated residual + norm)
+    matches the model with the reference ops.
 
     With ``compile_backend`` our model runs as one ``torch.compile(fullgraph=True)`` graph (the
     compile scope 'step' with the kernels kept as custom ops).
@@ -308,17 +381,21 @@ def check_model(device, autocast_dtype=None, fused_qk=False, compile_backend=Non
     from sfd_train.kernels import REFERENCE_OPS, KernelOps, qk_norm_rope, rope, swiglu, triton_rms_norm
     from sfd_train.models import build_model
 
-    cfg = ModelConfig(size="custom", depth=2, hidden_size=96, num_heads=6, input_size=4, num_classes=10,
+    # Three blocks with REPA after the first: the stream is added by the fused op in block 3 and
+    # the final layer, and by the projector's explicit add after block 1.
+    cfg = ModelConfig(size="custom", depth=3, hidden_size=96, num_heads=6, input_size=4, num_classes=10,
                       repa_projector_dim=32, repa_depth=1)
     ops = KernelOps(
         rms_norm=triton_rms_norm.rms_norm,
         rms_norm_modulate=triton_rms_norm.rms_norm_modulate,
         attention=reference.attention,
         apply_rope=rope.apply_rope,
-        qk_norm_rope=qk_norm_rope.qk_norm_rope if fused_qk else None,
-        swiglu=swiglu.swiglu if fused_qk else reference.swiglu,
+        qk_norm_rope=qk_norm_rope.qk_norm_rope if fused else None,
+        swiglu=swiglu.swiglu if fused else reference.swiglu,
+        add_rms_norm_modulate=triton_rms_norm.add_rms_norm_modulate if fused else None,
         names={"rms_norm": "triton", "attention": "reference", "rope": "triton",
-               "qk_norm_rope": "triton" if fused_qk else "separate", "swiglu": "triton" if fused_qk else "reference"},
+               "qk_norm_rope": "triton" if fused else "separate", "swiglu": "triton" if fused else "reference",
+               "add_rms_norm": "triton" if fused else "separate"},
     )
     torch.manual_seed(0)
     ref_model = build_model(cfg, REFERENCE_OPS).to(device).train()
@@ -360,6 +437,9 @@ for _name, _dtype in DTYPES.items():
     INTERPRETED_CASES[f"rms_norm_modulate-{_name}-shift"] = (check_rms_norm_modulate, (_dtype, (3, 11, 96)))
     INTERPRETED_CASES[f"rms_norm_modulate-{_name}-no-shift"] = (check_rms_norm_modulate, (_dtype, (2, 13, 64), False))
     INTERPRETED_CASES[f"rms_norm_modulate-{_name}-1792"] = (check_rms_norm_modulate, (_dtype, (2, 3, 1792)))
+    INTERPRETED_CASES[f"add_rms_norm-{_name}-96"] = (check_add_rms_norm, (_dtype, (3, 11, 96)))
+    INTERPRETED_CASES[f"add_rms_norm-{_name}-1152-fp32-stream"] = (
+        check_add_rms_norm, (_dtype, (2, 5, 1152), True, True, torch.float32))
     INTERPRETED_CASES[f"rope-{_name}-strided72"] = (check_rope, (_dtype, (2, 3, 5, 72), True))
     for _shape in ((2, 5, 3, 72), (1, 4, 2, 64), (2, 3, 2, 96)):
         INTERPRETED_CASES[f"qk_norm_rope-{_name}-head{_shape[-1]}"] = (check_qk_norm_rope, (_dtype, _shape))
@@ -374,6 +454,12 @@ INTERPRETED_CASES["qk_norm_rope-fp32-v-unused"] = (
 INTERPRETED_CASES["qk_norm_rope-fp32-only-v"] = (
     check_qk_norm_rope, (torch.float32, (2, 5, 3, 16), True, torch.float32, (2,)))
 INTERPRETED_CASES["rms_norm_modulate-fp32-no-weight"] = (check_rms_norm_modulate, (torch.float32, (2, 5, 32), True, False))
+INTERPRETED_CASES["add_rms_norm-fp32-no-shift-no-weight"] = (
+    check_add_rms_norm, (torch.float32, (2, 7, 64), False, False))
+INTERPRETED_CASES["add_rms_norm-bf16-only-norm-read"] = (
+    check_add_rms_norm, (torch.bfloat16, (2, 7, 64), True, True, torch.float32, (1,)))
+INTERPRETED_CASES["add_rms_norm-fp32-only-stream-read"] = (
+    check_add_rms_norm, (torch.float32, (2, 7, 64), True, True, None, (0,)))
 INTERPRETED_CASES["rope-fp32-contiguous16"] = (check_rope, (torch.float32, (1, 2, 6, 16)))
 INTERPRETED_CASES["rms_norm-many-strided-dims"] = (check_many_strided_dims, ())
 INTERPRETED_CASES["custom-op-opcheck"] = (check_opcheck, ())
@@ -383,8 +469,9 @@ INTERPRETED_CASES["compile-fullgraph-swiglu"] = (check_compile_swiglu, ("aot_eag
 INTERPRETED_CASES["swiglu-fp32-2d"] = (check_swiglu, (torch.float32, (9, 1026)))
 INTERPRETED_CASES["autocast-output-dtype"] = (check_autocast_dtype, ())
 INTERPRETED_CASES["model-fp32"] = (check_model, ())
-INTERPRETED_CASES["model-fp32-fused-qk"] = (check_model, (None, True))
-INTERPRETED_CASES["model-fp32-fused-qk-compiled"] = (check_model, (None, True, "aot_eager"))
+INTERPRETED_CASES["compile-fullgraph-add_rms_norm"] = (check_compile_add_rms_norm, ("aot_eager",))
+INTERPRETED_CASES["model-fp32-fused"] = (check_model, (None, True))
+INTERPRETED_CASES["model-fp32-fused-compiled"] = (check_model, (None, True, "aot_eager"))
 
 
 def _run_interpreted_cases() -> None:
@@ -452,6 +539,16 @@ def test_cuda_rms_norm_modulate(dtype, with_shift, shape):
 @pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("shape", [(32, 256, 1152), (3, 17, 384), (2, 64, 1792)])
+def test_cuda_add_rms_norm(dtype, shape):
+    check_add_rms_norm("cuda", dtype, shape, stream_dtype=torch.float32)  # the model's fp32 stream
+    check_add_rms_norm("cuda", dtype, shape, with_shift=False)
+    check_add_rms_norm("cuda", dtype, shape, outputs=(1,))
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("head_dim", [64, 72, 96])
 @pytest.mark.parametrize("with_rope", [True, False])
 def test_cuda_qk_norm_rope(dtype, head_dim, with_rope):
@@ -475,6 +572,7 @@ def test_cuda_custom_ops_and_inductor():
     check_compile("cuda", "inductor")
     check_compile_qk_norm_rope("cuda", "inductor")
     check_compile_swiglu("cuda", "inductor")
+    check_compile_add_rms_norm("cuda", "inductor")
     check_autocast_dtype("cuda")
 
 
@@ -483,9 +581,9 @@ def test_cuda_custom_ops_and_inductor():
 def test_cuda_model_matches_reference_ops():
     check_model("cuda")
     check_model("cuda", torch.bfloat16)
-    check_model("cuda", fused_qk=True)
-    check_model("cuda", torch.bfloat16, fused_qk=True)
-    check_model("cuda", torch.bfloat16, fused_qk=True, compile_backend="inductor")
+    check_model("cuda", fused=True)
+    check_model("cuda", torch.bfloat16, fused=True)
+    check_model("cuda", torch.bfloat16, fused=True, compile_backend="inductor")
 
 
 @pytest.mark.cuda
@@ -495,7 +593,7 @@ def test_cuda_auto_dispatch():
 
     assert build_kernel_ops().names == {
         "rms_norm": "triton(compiled: inductor)", "attention": "sdpa", "rope": "triton(compiled: inductor)",
-        "qk_norm_rope": "separate", "swiglu": "reference"}
+        "qk_norm_rope": "separate", "swiglu": "reference", "add_rms_norm": "separate"}
 
 
 if __name__ == "__main__":

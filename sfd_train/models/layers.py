@@ -10,7 +10,10 @@ import torch
 from torch import nn
 
 from sfd_train.kernels import KernelOps
-from sfd_train.kernels.reference import modulate
+from sfd_train.kernels.reference import add_gated, modulate
+
+Pending = tuple[torch.Tensor, torch.Tensor]
+"""A branch output and its adaLN gate ``(branch, gate)``, not yet added to the residual stream."""
 
 
 class RMSNorm(nn.Module):
@@ -22,6 +25,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self._norm = ops.rms_norm
         self._norm_modulate = ops.rms_norm_modulate
+        self._add_norm_modulate = ops.add_rms_norm_modulate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._norm(x, self.weight, self.eps)
@@ -29,6 +33,14 @@ class RMSNorm(nn.Module):
     def modulated(self, x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
         """``modulate(norm(x), shift, scale)``, fused where the kernels allow."""
         return self._norm_modulate(x, self.weight, shift, scale, self.eps)
+
+    def add_modulated(
+        self, x: torch.Tensor, pending: Pending | None, shift: torch.Tensor | None, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adds the pending gated residual to x, then normalises: ``(x_new, modulate(norm(x_new)))``."""
+        if pending is None:
+            return x, self.modulated(x, shift, scale)
+        return self._add_norm_modulate(x, *pending, self.weight, shift, scale, self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -42,6 +54,17 @@ class PlainLayerNorm(nn.LayerNorm):
 
     def modulated(self, x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
         return modulate(self(x), shift, scale)
+
+    def add_modulated(
+        self, x: torch.Tensor, pending: Pending | None, shift: torch.Tensor | None, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = add_residual(x, pending)
+        return x, self.modulated(x, shift, scale)
+
+
+def add_residual(x: torch.Tensor, pending: Pending | None) -> torch.Tensor:
+    """The residual stream with the pending gated branch added (x itself when nothing is pending)."""
+    return x if pending is None else add_gated(x, *pending)
 
 
 def make_norm(dim: int, use_rmsnorm: bool, ops: KernelOps) -> nn.Module:
@@ -117,6 +140,10 @@ class DiTBlock(nn.Module):
     """A LightningDiT block with adaLN-Zero modulation.
 
     ``x += gate_msa * attn(modulate(norm1(x)))``; ``x += gate_mlp * mlp(modulate(norm2(x)))``.
+
+    Each residual add is done by the norm that reads the stream next, so that the two can be one
+    kernel (``kernels.add_rms_norm``): the block takes the previous block's MLP output as
+    ``pending`` and returns its own, for the next block or the final layer to add.
     """
 
     def __init__(
@@ -141,15 +168,29 @@ class DiTBlock(nn.Module):
             self.mlp = GeluMLP(dim, int(mlp_ratio * dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (4 if wo_shift else 6) * dim, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+        pending: Pending | None = None,
+    ) -> tuple[torch.Tensor, Pending]:
+        """
+        Args:
+            x: ``(B, N, D)``, the residual stream.
+            c: ``(B, D)``, the conditioning.
+            rope: the RoPE tables, or None.
+            pending: the previous block's ``(mlp output, gate)``, not yet added to x; None for none.
+
+        Returns:
+            ``(x, pending)``: the stream after this block's attention residual, and this block's
+            ``(mlp output, gate)``; the block's output in the usual sense is ``add_residual(x, pending)``.
+        """
         if self.wo_shift:
             scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
             shift_msa = shift_mlp = None
         else:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(self.norm1.modulated(x, shift_msa, scale_msa), rope)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(self.norm2.modulated(x, shift_mlp, scale_mlp))
-        return x
+        x, h = self.norm1.add_modulated(x, pending, shift_msa, scale_msa)
+        x, h = self.norm2.add_modulated(x, (self.attn(h, rope), gate_msa), shift_mlp, scale_mlp)
+        return x, (self.mlp(h), gate_mlp)
 
 
 class FinalLayer(nn.Module):
@@ -161,9 +202,10 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, pending: Pending | None = None) -> torch.Tensor:
+        """``pending``: the last block's ``(mlp output, gate)``, added to x before the norm."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(self.norm_final.modulated(x, shift, scale))
+        return self.linear(self.norm_final.add_modulated(x, pending, shift, scale)[1])
 
 
 def repa_projector(dim: int, projector_dim: int, feature_dim: int) -> nn.Sequential:

@@ -23,7 +23,7 @@ from sfd_train.models.embeddings import (
     TimestepEmbedder,
     sincos_2d_table,
 )
-from sfd_train.models.layers import DiTBlock, FinalLayer, repa_projector
+from sfd_train.models.layers import DiTBlock, FinalLayer, add_residual, repa_projector
 
 
 class SFDLightningDiT(nn.Module):
@@ -136,10 +136,14 @@ class SFDLightningDiT(nn.Module):
         tokens = self.x_embedder(x) + self.pos_embed
         c = self.embed_time(t_tex, t_sem) + self.y_embedder(y)
         rope = (self.feat_rope.freqs_cos, self.feat_rope.freqs_sin) if self.feat_rope is not None else None
-        repa = None
+        repa = pending = None
         for index, block in enumerate(self.blocks, start=1):
-            tokens = block(tokens, c, rope)
-            if self.training and index == self.repa_depth:
-                repa = self.repa_projector(tokens)
-        velocity = self.unpatchify(self.final_layer(tokens, c))
+            tokens, pending = block(tokens, c, rope, pending)
+            if index == self.repa_depth:
+                # The projector reads the stream itself; the next block then has nothing to add
+                # (eval mode does the same, so that both modes compute the same stream).
+                tokens, pending = add_residual(tokens, pending), None
+                if self.training:
+                    repa = self.repa_projector(tokens)
+        velocity = self.unpatchify(self.final_layer(tokens, c, pending))
         return (velocity, repa) if self.training else velocity
