@@ -13,7 +13,8 @@ Sections (all forward + backward unless noted, random inputs):
                 fp32 stream, bf16 branch, gate and output under autocast, as in the model; the reference
                 composition vs the separate Triton norm vs the fused kernel (``--norm-bwd-tiles``
                 times other tiles of the norm backward)
-  swiglu        SwiGLU's gate silu(x1) * x2 on the w12 output (batch * tokens, 2 * 3072), XL's MLP
+  swiglu        SwiGLU's gate silu(x1) * x2 on the w12 output (batch * tokens, 2 * 3072), XL's MLP, with
+                the w12 bias gradient (which the reference leaves to a reduction of its own)
   attention     softmax attention, same shape: reference vs SDPA and its pinned backends
 
 Two clocks per variant: "wall ms" is the median of ``triton.testing.do_bench`` (CUDA
@@ -415,19 +416,30 @@ def bench_add_rms_norm(b: Bench, dtype, ours_available: bool):
 def bench_swiglu(b: Bench, dtype, ours_available: bool):
     a = b.args
     x12 = torch.randn(a.batch * a.tokens, 2 * a.mlp_hidden, device=a.device, dtype=dtype, requires_grad=True)
+    bias = torch.randn(2 * a.mlp_hidden, device=a.device, requires_grad=True)  # the w12 bias: an fp32 parameter
     dh = torch.randn(a.batch * a.tokens, a.mlp_hidden, device=a.device, dtype=dtype)
+
+    def gate(x12, bias):  # what Inductor sees: the GEMM's output (bias added there), split and gated
+        x1, x2 = x12.chunk(2, dim=-1)
+        return F.silu(x1) * x2
+
+    def gate_and_bias_grad(x12, bias):  # the same, and the w12 bias gradient as autograd would reduce it
+        return gate(x12 + bias.to(x12.dtype), None)
+
     variants: dict[str, Callable | None] = {
-        "eager reference": fwd_bwd(reference.swiglu, [x12], dh),
-        "compile(reference)": fwd_bwd(_compiled(reference.swiglu), [x12], dh),
+        "eager reference": fwd_bwd(gate_and_bias_grad, [x12, bias], dh),
+        "compile(reference)": fwd_bwd(_compiled(gate_and_bias_grad), [x12, bias], dh),
+        "compile(gate only, no bias gradient)": fwd_bwd(_compiled(gate), [x12, None], dh),
     }
     if ours_available:
         from sfd_train.kernels import swiglu
 
-        variants["triton (ours)"] = fwd_bwd(swiglu.swiglu, [x12], dh)
-        variants["compile(triton ours)"] = fwd_bwd(_compiled(swiglu.swiglu), [x12], dh)
+        variants["triton gate + bias gradient (ours)"] = fwd_bwd(swiglu.swiglu_gate, [x12, bias], dh)
+        variants["compile(triton ours)"] = fwd_bwd(_compiled(swiglu.swiglu_gate), [x12, bias], dh)
     # Forward reads x12, writes h; backward reads dh and x12, writes d(x12).
     nbytes = 8 * dh.numel() * dh.element_size()
-    b.section(f"SwiGLU gate fwd+bwd ({a.batch * a.tokens} x 2*{a.mlp_hidden}), {a.dtype}", nbytes, variants)
+    b.section(f"SwiGLU gate + w12 bias gradient fwd+bwd ({a.batch * a.tokens} x 2*{a.mlp_hidden}), {a.dtype}",
+              nbytes, variants)
 
 
 def bench_attention(b: Bench, dtype):

@@ -19,7 +19,7 @@ class KernelConfig:
     qk_norm_rope: Literal["auto", "separate", "triton"] = "auto"
     """The attention's input stage (q/k RMSNorm, RoPE, split into heads): 'separate' composes the rms_norm and rope choices; 'triton' is one fused kernel each way (CUDA), whose backward writes the qkv gradient in the Linear's layout, and which stays a kernel inside torch.compile. 'auto' is 'separate' until the fused kernel is measured faster in the compiled step."""
     swiglu: Literal["auto", "reference", "triton"] = "auto"
-    """SwiGLU's gate silu(x1) * x2: the reference expression (which Inductor fuses inside torch.compile), or one Triton kernel each way (CUDA) that stays a kernel inside torch.compile. 'auto' is the reference until the kernel is measured faster in the compiled step."""
+    """SwiGLU's input stage, the w12 Linear and the gate silu(x1) * x2: the reference expression (which Inductor fuses inside torch.compile), or the GEMM without its bias and one Triton kernel each way (CUDA) that adds the bias, returns the bias gradient from its backward, and stays a kernel inside torch.compile. 'auto' is the reference until the kernel is measured faster in the compiled step."""
     add_rms_norm: Literal["auto", "separate", "triton"] = "auto"
     """A block's pending gated residual x + gate * branch with the next pre-norm and adaLN modulation: 'separate' adds, then calls the rms_norm choice; 'triton' is one kernel each way (CUDA) whose backward also returns the gate's, the shift's and the scale's per-sample sums, and which stays a kernel inside torch.compile. 'auto' is 'separate' until the fused kernel is measured faster in the compiled step."""
     inside_compile: Literal["inductor", "kernels"] = "inductor"

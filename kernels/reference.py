@@ -114,9 +114,17 @@ def qk_norm_rope(
     return q, k, v
 
 
-def swiglu(x12: torch.Tensor) -> torch.Tensor:
-    """SwiGLU's gate ``silu(x1) * x2`` with ``x1, x2 = x12.chunk(2, -1)`` (x12: the w12 Linear's output)."""
-    x1, x2 = x12.chunk(2, dim=-1)
+def swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """SwiGLU's input stage: the w12 Linear, then ``silu(x1) * x2`` with ``x1, x2`` its output's halves.
+
+    Args:
+        x: ``(..., D)``, the MLP's input.
+        weight, bias: the w12 Linear's ``(2 * hidden, D)`` weight and ``(2 * hidden,)`` bias (or None).
+
+    Returns:
+        ``(..., hidden)``, the w3 Linear's input.
+    """
+    x1, x2 = F.linear(x, weight, bias).chunk(2, dim=-1)
     return F.silu(x1) * x2
 
 

@@ -128,8 +128,10 @@ def test_reference_add_rms_norm_is_the_block_expression():
 
 
 def test_reference_swiglu_is_the_model_expression():
-    x12 = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(reference.swiglu(x12), torch.nn.functional.silu(x12[..., :6]) * x12[..., 6:])
+    g = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(2, 5, 8, generator=g), torch.randn(12, 8, generator=g), torch.randn(12, generator=g)
+    x12 = torch.nn.functional.linear(x, weight, bias)
+    assert torch.equal(reference.swiglu(x, weight, bias), torch.nn.functional.silu(x12[..., :6]) * x12[..., 6:])
 
 
 def test_reference_qk_norm_rope_is_the_model_expression():

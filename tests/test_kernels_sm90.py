@@ -87,6 +87,7 @@ def _launches_at_xl_shapes(monkeypatch) -> dict:
 
     monkeypatch.setattr(triton_rms_norm, "_target_programs", lambda device: 4 * H100_SMS)
     monkeypatch.setattr(qk_norm_rope, "_target_programs", lambda device: 4 * H100_SMS)
+    monkeypatch.setattr(swiglu, "_target_programs", lambda device: 4 * H100_SMS)
     recorded: dict = {}
 
     def record(name, fn, *args, **kwargs):
@@ -125,8 +126,9 @@ def _launches_at_xl_shapes(monkeypatch) -> dict:
             record(f"qk_norm_rope bwd, {tag}", qk_norm_rope._bwd, _meta(heads_shape), _meta(heads_shape),
                    _meta(heads_shape), qkv, head_weight, head_weight, cos, sin, 1e-6)
     x12 = _meta((batch, tokens, 2 * 3072))  # XL's SwiGLU: int(2/3 * 4 * 1152) = 3072 hidden units
-    record("swiglu fwd", swiglu._fwd, x12)
-    record("swiglu bwd", swiglu._bwd, _meta((batch, tokens, 3072)), x12)
+    w12_bias = _meta((2 * 3072,), torch.float32)
+    record("swiglu fwd", swiglu._fwd, x12, w12_bias)
+    record("swiglu bwd", swiglu._bwd, _meta((batch, tokens, 3072)), x12, w12_bias)
     return recorded
 
 
@@ -162,10 +164,10 @@ def test_compiles_for_sm90_without_spills(kernel, resource_usage):
     assert usage["REG"] < 255, usage
 
 
-# The memory-bound backward norms hold their tile in registers, and a multiprocessor needs bytes
+# The memory-bound backwards that sum over rows hold their tile and sums in registers, and a multiprocessor needs bytes
 # in flight from more than one program to approach the HBM bandwidth: one program of 8 warps
 # leaves it waiting on its own loads between tiles.
-BACKWARDS_THAT_MUST_SHARE = ["add_rms_norm bwd", "rms_norm_modulate bwd", "q/k rms_norm bwd, head 72"]
+BACKWARDS_THAT_MUST_SHARE = ["add_rms_norm bwd", "rms_norm_modulate bwd", "q/k rms_norm bwd, head 72", "swiglu bwd"]
 
 
 @pytest.mark.parametrize("kernel", BACKWARDS_THAT_MUST_SHARE)

@@ -184,11 +184,27 @@ def check_qk_norm_rope(device, dtype, shape, with_rope=True, weight_dtype=torch.
     return _compare(ours, ref, (qkv, q_weight, k_weight), dtype)
 
 
-def check_swiglu(device, dtype, shape):
+def check_swiglu(device, dtype, shape, with_bias=True):
+    """The gate (with the w12 bias folded in) against the reference's bias-in-the-GEMM: x12, bias gradients.
+
+    The GEMM is an identity here, so the gate kernel is what is compared.
+    """
     from sfd_train.kernels import swiglu
 
     x12 = _randn(shape, dtype, device, 0, 2.0)
-    return _compare(swiglu.swiglu, reference.swiglu, (x12,), dtype)
+    bias = _randn(shape[-1:], torch.float32, device, 1, 0.5) if with_bias else None
+    identity = torch.eye(shape[-1], dtype=torch.float64, device=device)
+    return _compare(swiglu.swiglu_gate, lambda x12, b: reference.swiglu(x12, identity, b), (x12, bias), dtype)
+
+
+def check_swiglu_stage(device, dtype):
+    """The whole stage (GEMM without bias + gate kernel) against the reference Linear + gate, every gradient."""
+    from sfd_train.kernels import swiglu
+
+    x = _randn((2, 7, 48), dtype, device, 0)
+    weight = _randn((2 * 40, 48), dtype, device, 1, 0.2)
+    bias = _randn((2 * 40,), dtype, device, 2, 0.5)
+    return _compare(swiglu.swiglu, reference.swiglu, (x, weight, bias), dtype)
 
 
 def check_many_strided_dims(device):
@@ -228,9 +244,12 @@ def check_opcheck(device):
     from sfd_train.kernels import swiglu  # noqa: F401
 
     x12 = _randn((2, 5, 24), torch.float32, device, 11).requires_grad_()
-    torch.library.opcheck(torch.ops.sfd_kernels.swiglu_fwd.default, (x12,))
-    torch.library.opcheck(torch.ops.sfd_kernels.swiglu_bwd.default, (_randn((2, 5, 12), torch.float32, device, 12),
-                                                                     x12.detach()))
+    w12_bias = _randn((24,), torch.float32, device, 16).requires_grad_()
+    dh = _randn((2, 5, 12), torch.float32, device, 12)
+    for bias in (w12_bias, None):
+        torch.library.opcheck(torch.ops.sfd_kernels.swiglu_fwd.default, (x12, bias))
+        torch.library.opcheck(torch.ops.sfd_kernels.swiglu_bwd.default,
+                              (dh, x12.detach(), bias.detach() if bias is not None else None))
     branch = _randn((2, 5, 32), torch.float32, device, 13).requires_grad_()
     gate = _randn((2, 32), torch.float32, device, 14).requires_grad_()
     for args in ((x, branch, gate, w, shift, scale, 1e-6, torch.float32),
@@ -311,15 +330,16 @@ def check_compile_swiglu(device, backend):
         graphs.append(gm.code)
         return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
 
-    def mlp(x12):
-        return swiglu.swiglu(x12).square().mean()
+    def mlp(x, weight, bias):
+        return swiglu.swiglu(x, weight, bias).square().mean()
 
-    x12 = _randn((2, 6, 40), torch.float32, device, 0)
+    inputs = [_randn((2, 6, 16), torch.float32, device, 0), _randn((40, 16), torch.float32, device, 1, 0.3),
+              _randn((40,), torch.float32, device, 2)]
     results = []
     for fn in (mlp, torch.compile(mlp, backend=recording_backend, fullgraph=True)):
-        leaf = x12.clone().requires_grad_()
-        loss = fn(leaf)
-        results.append([loss, *torch.autograd.grad(loss, [leaf])])
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        loss = fn(*leaves)
+        results.append([loss, *torch.autograd.grad(loss, leaves)])
     assert graphs and "sfd_kernels.swiglu_fwd" in graphs[0], graphs
     for a, b in zip(*results):
         assert rel_err(b, a) < 1e-5, rel_err(b, a)
@@ -445,6 +465,7 @@ for _name, _dtype in DTYPES.items():
         INTERPRETED_CASES[f"qk_norm_rope-{_name}-head{_shape[-1]}"] = (check_qk_norm_rope, (_dtype, _shape))
     INTERPRETED_CASES[f"swiglu-{_name}-hidden3072"] = (check_swiglu, (_dtype, (1, 3, 6144)))
     INTERPRETED_CASES[f"swiglu-{_name}-hidden20"] = (check_swiglu, (_dtype, (2, 7, 40)))
+    INTERPRETED_CASES[f"swiglu-{_name}-stage"] = (check_swiglu_stage, (_dtype,))
     INTERPRETED_CASES[f"qk_norm_rope-{_name}-weight-in-dtype"] = (
         check_qk_norm_rope, (_dtype, (2, 3, 2, 16), True, _dtype))
 INTERPRETED_CASES["qk_norm_rope-fp32-no-rope"] = (check_qk_norm_rope, (torch.float32, (2, 5, 3, 72), False))
@@ -467,6 +488,7 @@ INTERPRETED_CASES["compile-fullgraph-aot-eager"] = (check_compile, ("aot_eager",
 INTERPRETED_CASES["compile-fullgraph-qk_norm_rope"] = (check_compile_qk_norm_rope, ("aot_eager",))
 INTERPRETED_CASES["compile-fullgraph-swiglu"] = (check_compile_swiglu, ("aot_eager",))
 INTERPRETED_CASES["swiglu-fp32-2d"] = (check_swiglu, (torch.float32, (9, 1026)))
+INTERPRETED_CASES["swiglu-fp32-no-bias"] = (check_swiglu, (torch.float32, (3, 5, 40), False))
 INTERPRETED_CASES["autocast-output-dtype"] = (check_autocast_dtype, ())
 INTERPRETED_CASES["model-fp32"] = (check_model, ())
 INTERPRETED_CASES["compile-fullgraph-add_rms_norm"] = (check_compile_add_rms_norm, ("aot_eager",))
@@ -563,6 +585,8 @@ def test_cuda_qk_norm_rope(dtype, head_dim, with_rope):
 @pytest.mark.parametrize("shape", [(32, 256, 6144), (3, 17, 2 * 2048), (5, 2 * 1021)])
 def test_cuda_swiglu(dtype, shape):
     check_swiglu("cuda", dtype, shape)  # XL's 3072 hidden units, XXL-like 2048, an odd width
+    check_swiglu("cuda", dtype, shape, with_bias=False)
+    check_swiglu_stage("cuda", dtype)
 
 
 @pytest.mark.cuda

@@ -111,7 +111,11 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """``w3(silu(x1) * x2)`` with ``x1, x2 = w12(x).chunk(2)``."""
+    """``w3(silu(x1) * x2)`` with ``x1, x2 = w12(x).chunk(2)``.
+
+    The w12 Linear is applied by ``ops.swiglu`` (with its weight and bias), so that a fused gate
+    can take the bias into its own kernel and return the bias gradient from its backward.
+    """
 
     def __init__(self, dim: int, hidden: int, ops: KernelOps):
         super().__init__()
@@ -120,7 +124,7 @@ class SwiGLU(nn.Module):
         self._gate = ops.swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w3(self._gate(self.w12(x)))
+        return self.w3(self._gate(x, self.w12.weight, self.w12.bias))
 
 
 class GeluMLP(nn.Module):
