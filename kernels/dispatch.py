@@ -193,42 +193,36 @@ def _choose_rope(choice: str, device_type: str) -> tuple[str, Callable]:
     raise _error("rope", f"unknown choice {choice!r}")
 
 
-def _choose_qk_norm_rope(choice: str, device_type: str) -> tuple[str, Callable | None]:
-    """None stands for 'separate': KernelOps composes the chosen rms_norm and rope."""
-    if choice in ("auto", "separate"):
-        # auto stays 'separate' until a GPU measurement of the compiled step shows the fused kernel ahead.
-        return "separate", None
+def _choose_opt_in(key: str, choice: str, device_type: str, default: tuple[str, Callable | None],
+                   load_kernel: Callable[[], Callable]) -> tuple[str, Callable | None]:
+    """An op whose Triton kernel is opt-in: ``default`` for auto, the kernel for 'triton'.
+
+    auto stays the default until a GPU measurement of the compiled step shows the kernel ahead.
+    """
+    if choice in ("auto", default[0]):
+        return default
     if choice == "triton":
-        _require_triton("qk_norm_rope", device_type)
-        from sfd_train.kernels import qk_norm_rope
-
-        return choice, qk_norm_rope.qk_norm_rope
-    raise _error("qk_norm_rope", f"unknown choice {choice!r}")
+        _require_triton(key, device_type)
+        return choice, load_kernel()
+    raise _error(key, f"unknown choice {choice!r}")
 
 
-def _choose_add_rms_norm(choice: str, device_type: str) -> tuple[str, Callable | None]:
-    """None stands for 'separate': KernelOps composes the residual add with the chosen rms_norm_modulate."""
-    if choice in ("auto", "separate"):
-        # auto stays 'separate' until a GPU measurement of the compiled step shows the fused kernel ahead.
-        return "separate", None
-    if choice == "triton":
-        _require_triton("add_rms_norm", device_type)
-        from sfd_train.kernels import triton_rms_norm
+def _load_qk_norm_rope() -> Callable:
+    from sfd_train.kernels import qk_norm_rope
 
-        return choice, triton_rms_norm.add_rms_norm_modulate
-    raise _error("add_rms_norm", f"unknown choice {choice!r}")
+    return qk_norm_rope.qk_norm_rope
 
 
-def _choose_swiglu(choice: str, device_type: str) -> tuple[str, Callable]:
-    if choice in ("auto", "reference"):
-        # auto stays the reference (Inductor fuses it) until a GPU measurement shows the kernel ahead.
-        return "reference", reference.swiglu
-    if choice == "triton":
-        _require_triton("swiglu", device_type)
-        from sfd_train.kernels import swiglu
+def _load_add_rms_norm() -> Callable:
+    from sfd_train.kernels import triton_rms_norm
 
-        return choice, swiglu.swiglu
-    raise _error("swiglu", f"unknown choice {choice!r}")
+    return triton_rms_norm.add_rms_norm_modulate
+
+
+def _load_swiglu() -> Callable:
+    from sfd_train.kernels import swiglu
+
+    return swiglu.swiglu
 
 
 def _inductor_when_compiled(kernel_fn: Callable, reference_fn: Callable) -> Callable:
@@ -269,9 +263,13 @@ def build_kernel_ops(config: KernelConfig | None = None, device_type: str | None
     rms_name, rms_norm, rms_norm_modulate = _choose_rms_norm(config.rms_norm, device_type)
     attn_name, attention = _choose_attention(config.attention, device_type, list(config.sdpa_backends))
     rope_name, apply_rope = _choose_rope(config.rope, device_type)
-    qk_name, qk_norm_rope = _choose_qk_norm_rope(config.qk_norm_rope, device_type)
-    swiglu_name, swiglu = _choose_swiglu(config.swiglu, device_type)
-    add_name, add_rms_norm_modulate = _choose_add_rms_norm(config.add_rms_norm, device_type)
+    # None stands for 'separate': KernelOps composes the op from the rms_norm (and rope) chosen above.
+    qk_name, qk_norm_rope = _choose_opt_in("qk_norm_rope", config.qk_norm_rope, device_type, ("separate", None),
+                                           _load_qk_norm_rope)
+    swiglu_name, swiglu = _choose_opt_in("swiglu", config.swiglu, device_type, ("reference", reference.swiglu),
+                                         _load_swiglu)
+    add_name, add_rms_norm_modulate = _choose_opt_in("add_rms_norm", config.add_rms_norm, device_type,
+                                                     ("separate", None), _load_add_rms_norm)
     if attn_name == "sdpa" and config.sdpa_backends:
         attn_name = f"sdpa[{','.join(config.sdpa_backends)}]"
     names = {"rms_norm": rms_name, "attention": attn_name, "rope": rope_name, "qk_norm_rope": qk_name,

@@ -104,12 +104,12 @@ def _rms_norm_fwd_kernel(
 
 
 @triton.jit
-def _piece_vector(PTR, row, cols, mask, PRESENT: tl.constexpr):
-    """A per-column vector (weight, scale, gate) over one piece in fp32; zeros for an absent input."""
+def _piece_vector(PTR, row, cols, mask, PRESENT: tl.constexpr, ABSENT: tl.constexpr):
+    """A per-column vector (weight, scale, gate) over one piece in fp32; ``ABSENT`` for an absent input."""
     if PRESENT:
         vector = tl.load(PTR + row + cols, mask=mask, other=0.0).to(tl.float32)
     else:
-        vector = tl.zeros(cols.shape, dtype=tl.float32)
+        vector = tl.full(cols.shape, ABSENT, dtype=tl.float32)
     return vector
 
 
@@ -165,20 +165,15 @@ def _bwd_piece_parts(DW_PART, DSHIFT_PART, DSCALE_PART, DGATE_PART, part, cols, 
     """Stores one column piece of the program's partial sums.
 
     d(weight) and d(scale) are both the column sums of dy * xhat times the product's other
-    factor; the program's rows are of one sample, so that factor is one vector for all of them.
+    factor; the program's rows are of one sample, so that factor is one vector for all of them
+    (ones when it is absent).
     """
     if HAS_WEIGHT:
-        if HAS_SCALE:
-            tl.store(DW_PART + part + cols, dy_xhat * gain, mask=col_mask)
-        else:
-            tl.store(DW_PART + part + cols, dy_xhat, mask=col_mask)
+        tl.store(DW_PART + part + cols, dy_xhat * gain, mask=col_mask)
     if HAS_SHIFT:
         tl.store(DSHIFT_PART + part + cols, dshift, mask=col_mask)
     if HAS_SCALE:
-        if HAS_WEIGHT:
-            tl.store(DSCALE_PART + part + cols, dy_xhat * w, mask=col_mask)
-        else:
-            tl.store(DSCALE_PART + part + cols, dy_xhat, mask=col_mask)
+        tl.store(DSCALE_PART + part + cols, dy_xhat * w, mask=col_mask)
     if HAS_RESIDUAL:
         tl.store(DGATE_PART + part + cols, dgate, mask=col_mask)
 
@@ -214,12 +209,13 @@ def _rms_norm_bwd_kernel(
     mask_b = cols_b < D
     # Per-sample vectors (one sample per program when there is a scale), loaded once.
     mod_row = sample.to(tl.int64) * D
-    w_a = _piece_vector(W, 0, cols_a, mask_a, HAS_WEIGHT)
-    w_b = _piece_vector(W, 0, cols_b, mask_b, HAS_WEIGHT)
-    gain_a = 1.0 + _piece_vector(SCALE, mod_row, cols_a, mask_a, HAS_SCALE)
-    gain_b = 1.0 + _piece_vector(SCALE, mod_row, cols_b, mask_b, HAS_SCALE)
-    gate_a = _piece_vector(GATE, mod_row, cols_a, mask_a, HAS_RESIDUAL)
-    gate_b = _piece_vector(GATE, mod_row, cols_b, mask_b, HAS_RESIDUAL)
+    # An absent weight is ones and an absent scale zeros: the chain below multiplies by them exactly.
+    w_a = _piece_vector(W, 0, cols_a, mask_a, HAS_WEIGHT, 1.0)
+    w_b = _piece_vector(W, 0, cols_b, mask_b, HAS_WEIGHT, 1.0)
+    gain_a = 1.0 + _piece_vector(SCALE, mod_row, cols_a, mask_a, HAS_SCALE, 0.0)
+    gain_b = 1.0 + _piece_vector(SCALE, mod_row, cols_b, mask_b, HAS_SCALE, 0.0)
+    gate_a = _piece_vector(GATE, mod_row, cols_a, mask_a, HAS_RESIDUAL, 0.0)
+    gate_b = _piece_vector(GATE, mod_row, cols_b, mask_b, HAS_RESIDUAL, 0.0)
     dshift_a = tl.zeros([PIECE_A], dtype=tl.float32)
     dshift_b = tl.zeros([PIECE_B], dtype=tl.float32)
     dy_xhat_a = tl.zeros([PIECE_A], dtype=tl.float32)

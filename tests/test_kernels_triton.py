@@ -292,69 +292,52 @@ def check_compile(device, backend):
         assert rel_err(b, a) < 1e-5, rel_err(b, a)
 
 
+def _check_compiled_op(fn, leaves, backend, op_name, calls=1, constants=()):
+    """``fn`` compiled with fullgraph=True holds ``op_name`` ``calls`` times and agrees with eager (loss, gradients)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+
+    results = []
+    for run in (fn, torch.compile(fn, backend=recording_backend, fullgraph=True)):
+        inputs = [t.clone().requires_grad_() for t in leaves]
+        loss = run(*inputs, *constants)
+        results.append([loss, *torch.autograd.grad(loss, inputs)])
+    assert graphs and graphs[0].count(op_name) == calls, graphs
+    for a, b in zip(*results):
+        assert rel_err(b, a) < 1e-5, rel_err(b, a)
+
+
 def check_compile_qk_norm_rope(device, backend):
     """torch.compile(fullgraph=True) keeps the fused input stage as its custom op and agrees with eager."""
     from sfd_train.kernels import qk_norm_rope
-
-    torch._dynamo.reset()
 
     def stage(qkv, qw, kw, cos, sin):
         q, k, v = qk_norm_rope.qk_norm_rope(qkv, qw, kw, (cos, sin))
         return (q * k).sum(-1).square().mean() + (v * q).mean()
 
     qkv, q_weight, k_weight, tables = _qk_inputs(device, torch.float32, (2, 6, 3, 16))
-    graphs = []
-
-    def recording_backend(gm, example_inputs):
-        graphs.append(gm.code)
-        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
-
-    grads = []
-    for fn in (stage, torch.compile(stage, backend=recording_backend, fullgraph=True)):
-        leaves = [t.clone().requires_grad_() for t in (qkv, q_weight, k_weight)]
-        loss = fn(*leaves, *tables)
-        grads.append([loss] + list(torch.autograd.grad(loss, leaves)))
-    assert graphs and "sfd_kernels.qk_norm_rope_fwd" in graphs[0], graphs
-    for a, b in zip(*grads):
-        assert rel_err(b, a) < 1e-5, rel_err(b, a)
+    _check_compiled_op(stage, (qkv, q_weight, k_weight), backend, "sfd_kernels.qk_norm_rope_fwd", constants=tables)
 
 
 def check_compile_swiglu(device, backend):
     """torch.compile(fullgraph=True) keeps the SwiGLU kernel as its custom op and agrees with eager."""
     from sfd_train.kernels import swiglu
 
-    torch._dynamo.reset()
-    graphs = []
-
-    def recording_backend(gm, example_inputs):
-        graphs.append(gm.code)
-        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
-
     def mlp(x, weight, bias):
         return swiglu.swiglu(x, weight, bias).square().mean()
 
     inputs = [_randn((2, 6, 16), torch.float32, device, 0), _randn((40, 16), torch.float32, device, 1, 0.3),
               _randn((40,), torch.float32, device, 2)]
-    results = []
-    for fn in (mlp, torch.compile(mlp, backend=recording_backend, fullgraph=True)):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        loss = fn(*leaves)
-        results.append([loss, *torch.autograd.grad(loss, leaves)])
-    assert graphs and "sfd_kernels.swiglu_fwd" in graphs[0], graphs
-    for a, b in zip(*results):
-        assert rel_err(b, a) < 1e-5, rel_err(b, a)
+    _check_compiled_op(mlp, inputs, backend, "sfd_kernels.swiglu_fwd")
 
 
 def check_compile_add_rms_norm(device, backend):
     """torch.compile(fullgraph=True) keeps the gated residual + norm as its custom op and agrees with eager."""
     from sfd_train.kernels import triton_rms_norm
-
-    torch._dynamo.reset()
-    graphs = []
-
-    def recording_backend(gm, example_inputs):
-        graphs.append(gm.code)
-        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
 
     def two_blocks(x, branch, gate, w, shift, scale):
         x, h = triton_rms_norm.add_rms_norm_modulate(x, branch, gate, w, shift, scale)
@@ -365,14 +348,7 @@ def check_compile_add_rms_norm(device, backend):
     inputs = [_randn((2, 6, dim), torch.float32, device, 0), _randn((2, 6, dim), torch.float32, device, 1),
               _randn((2, dim), torch.float32, device, 2), _randn((dim,), torch.float32, device, 3, 0.2, 1.0),
               _randn((2, dim), torch.float32, device, 4), _randn((2, dim), torch.float32, device, 5, 0.3)]
-    results = []
-    for fn in (two_blocks, torch.compile(two_blocks, backend=recording_backend, fullgraph=True)):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        loss = fn(*leaves)
-        results.append([loss, *torch.autograd.grad(loss, leaves)])
-    assert graphs and graphs[0].count("sfd_kernels.add_rms_norm_fwd") == 2, graphs
-    for a, b in zip(*results):
-        assert rel_err(b, a) < 1e-5, rel_err(b, a)
+    _check_compiled_op(two_blocks, inputs, backend, "sfd_kernels.add_rms_norm_fwd", calls=2)
 
 
 def check_autocast_dtype(device):
