@@ -5,8 +5,9 @@ Sections (all forward + backward unless noted, random inputs):
   modulate      RMSNorm + adaLN modulation at (batch, tokens, hidden) = (32, 256, 1152)
   qk_norm       the q/k RMSNorm over the head dim on the strided q view, (32, 16, 256, 72)
   rope          rotary embedding on q, same shape, fp32 tables (the result cast to bf16 as the model does)
-  qk_norm_rope  the attention's whole input stage from the qkv Linear's output (32, 256, 3, 16, 72):
-                q/k RMSNorm, RoPE, split into heads, with the gradient back into qkv's layout;
+  qk_norm_rope  the attention's whole input stage from the qkv GEMM's output (32, 256, 3, 16, 72):
+                its bias, q/k RMSNorm, RoPE, split into heads, with the gradient back into qkv's layout
+                and the bias gradient;
                 the reference composition vs the separate Triton kernels vs the fused kernel
                 (``--qk-tiles`` times other tiles of the fused kernel)
   add_rms_norm  a block's gated residual x + gate * branch with the next RMSNorm + modulation, (32, 256, 1152):
@@ -325,27 +326,36 @@ def bench_qk_norm_rope(b: Bench, dtype, ours_available: bool):
     a = b.args
     head_dim = a.hidden // a.heads
     qkv = torch.randn(a.batch, a.tokens, 3, a.heads, head_dim, device=a.device, dtype=dtype, requires_grad=True)
+    bias = torch.randn(3 * a.hidden, device=a.device, requires_grad=True)  # the qkv bias: an fp32 parameter
     q_weight, k_weight = (torch.ones(head_dim, device=a.device, requires_grad=True) for _ in range(2))  # fp32
     rope = (torch.randn(a.tokens, head_dim, device=a.device), torch.randn(a.tokens, head_dim, device=a.device))
     grads = tuple(torch.randn(a.batch, a.heads, a.tokens, head_dim, device=a.device, dtype=dtype) for _ in range(3))
-    inputs = [qkv, q_weight, k_weight]
+    inputs = [qkv, bias, q_weight, k_weight]
 
-    def stage(fn):
-        return lambda qkv, qw, kw: fn(qkv, qw, kw, rope, 1e-6)
+    def composed(**ops):
+        """What Inductor sees: the GEMM's output with its bias (the bias gradient is reduced from d(qkv))."""
+        def stage(qkv, bias, qw, kw):
+            return reference.qk_norm_rope_heads(qkv + bias.to(dtype).view(3, a.heads, head_dim), qw, kw, rope, 1e-6,
+                                                **ops)
+        return stage
 
     variants: dict[str, Callable | None] = {
-        "eager reference": fwd_bwd(stage(reference.qk_norm_rope), inputs, grads),
-        "compile(reference)": fwd_bwd(_compiled(stage(reference.qk_norm_rope)), inputs, grads),
+        "eager reference": fwd_bwd(composed(), inputs, grads),
+        "compile(reference)": fwd_bwd(_compiled(composed()), inputs, grads),
     }
     if ours_available:
-        from sfd_train.kernels import KernelOps, qk_norm_rope, rope as triton_rope, triton_rms_norm
+        from sfd_train.kernels import qk_norm_rope, rope as triton_rope, triton_rms_norm
 
-        # The 'separate' composition, as KernelOps builds it from the chosen norm and RoPE.
-        separate = KernelOps(rms_norm=triton_rms_norm.rms_norm, apply_rope=triton_rope.apply_rope).qk_norm_rope
-        variants["separate triton norm + rope"] = fwd_bwd(stage(separate), inputs, grads)
-        variants["fused triton (ours)"] = fwd_bwd(stage(qk_norm_rope.qk_norm_rope), inputs, grads)
-        variants["compile(fused triton ours)"] = fwd_bwd(_compiled(stage(qk_norm_rope.qk_norm_rope)), inputs, grads)
-        fused = variants["fused triton (ours)"]
+        # The 'separate' composition: the reference stage with the Triton norm and RoPE.
+        separate = composed(norm=triton_rms_norm.rms_norm, rotate=triton_rope.apply_rope)
+        variants["separate triton norm + rope"] = fwd_bwd(separate, inputs, grads)
+
+        def fused_stage(qkv, bias, qw, kw):
+            return qk_norm_rope.qk_norm_rope_heads(qkv, bias, qw, kw, rope, 1e-6)
+
+        variants["fused triton, bias gradient included (ours)"] = fwd_bwd(fused_stage, inputs, grads)
+        variants["compile(fused triton ours)"] = fwd_bwd(_compiled(fused_stage), inputs, grads)
+        fused = variants["fused triton, bias gradient included (ours)"]
         for tiles in a.qk_tiles:
             # fwd_bwd runs forward and backward inside one call, so the tiles hold for both.
             def with_tiles(run=fused, tiles=tiles):

@@ -84,6 +84,39 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def qk_norm_rope(
+    x: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    heads: int,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+    eps: float = 1e-6,
+    *,
+    norm=rms_norm,
+    rotate=apply_rope,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention's input stage: the qkv Linear, the split into heads, RMSNorm of q and k over
+    the head dim, then RoPE.
+
+    Args:
+        x: ``(B, N, D)``, the attention's input.
+        qkv_weight, qkv_bias: the qkv Linear's ``(3 * D, D)`` weight and ``(3 * D,)`` bias (or None).
+        heads: the number of heads H (``D_h = D / H``).
+        q_weight, k_weight: ``(D_h,)`` RMSNorm weights of q and k.
+        rope: ``(cos, sin)`` tables ``(N, D_h)``, or None for no rotary embedding.
+        eps: added to the mean square.
+        norm, rotate: the RMSNorm and RoPE ops to compose (the dispatch passes the ones it chose).
+
+    Returns:
+        ``(q, k, v)``, each ``(B, H, N, D_h)``; v is a view of the Linear's output. With RoPE, q and
+        k are cast back to v's dtype (the tables are fp32 buffers; this is what autocast would do).
+    """
+    qkv = F.linear(x, qkv_weight, qkv_bias).unflatten(-1, (3, heads, -1))
+    return qk_norm_rope_heads(qkv, q_weight, k_weight, rope, eps, norm=norm, rotate=rotate)
+
+
+def qk_norm_rope_heads(
     qkv: torch.Tensor,
     q_weight: torch.Tensor,
     k_weight: torch.Tensor,
@@ -93,19 +126,7 @@ def qk_norm_rope(
     norm=rms_norm,
     rotate=apply_rope,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The attention's input stage: split ``qkv`` into heads, RMSNorm q and k over the head dim, then RoPE.
-
-    Args:
-        qkv: ``(B, N, 3, H, D_h)``, the qkv Linear's output.
-        q_weight, k_weight: ``(D_h,)`` RMSNorm weights of q and k.
-        rope: ``(cos, sin)`` tables ``(N, D_h)``, or None for no rotary embedding.
-        eps: added to the mean square.
-        norm, rotate: the RMSNorm and RoPE ops to compose (the dispatch passes the ones it chose).
-
-    Returns:
-        ``(q, k, v)``, each ``(B, H, N, D_h)``; v is a view of qkv. With RoPE, q and k are cast
-        back to v's dtype (the tables are fp32 buffers; this is what autocast would do).
-    """
+    """:func:`qk_norm_rope` after the Linear, from its output ``qkv`` viewed as ``(B, N, 3, H, D_h)``."""
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     q, k = norm(q, q_weight, eps), norm(k, k_weight, eps)
     if rope is not None:

@@ -135,18 +135,19 @@ def test_reference_swiglu_is_the_model_expression():
 
 
 def test_reference_qk_norm_rope_is_the_model_expression():
-    """The reference op is exactly what the published model computes: permute, unbind, norm, RoPE, cast."""
+    """The reference op is exactly what the published model computes: Linear, permute, unbind, norm, RoPE, cast."""
     g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(2, 6, 3, 4, 16, generator=g).bfloat16()
+    x = torch.randn(2, 6, 64, generator=g).bfloat16()
+    weight, bias = torch.randn(192, 64, generator=g).bfloat16(), torch.randn(192, generator=g).bfloat16()
     qw, kw = torch.randn(16, generator=g), torch.randn(16, generator=g)
     cos, sin = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)
-    q, k, v = reference.qk_norm_rope(qkv, qw, kw, (cos, sin), 1e-6)
-    heads = qkv.permute(2, 0, 3, 1, 4)
-    assert torch.equal(v, heads[2]) and v.data_ptr() == qkv.data_ptr() + 2 * 4 * 16 * 2
+    q, k, v = reference.qk_norm_rope(x, weight, bias, 4, qw, kw, (cos, sin), 1e-6)
+    heads = torch.nn.functional.linear(x, weight, bias).reshape(2, 6, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    assert torch.equal(v, heads[2])
     expected_q = reference.apply_rope(reference.rms_norm(heads[0], qw, 1e-6), cos, sin).to(torch.bfloat16)
     assert q.dtype == torch.bfloat16 and torch.equal(q, expected_q)
     expected_k = reference.rms_norm(heads[1], kw, 1e-6)
-    assert torch.equal(reference.qk_norm_rope(qkv, qw, kw, None)[1], expected_k)
+    assert torch.equal(reference.qk_norm_rope(x, weight, bias, 4, qw, kw, None)[1], expected_k)
 
 
 class _GraphRecorder:

@@ -121,10 +121,12 @@ def _launches_at_xl_shapes(monkeypatch) -> dict:
         for with_rope in (True, False):
             cos = sin = tables if with_rope else None
             tag = f"head {head_dim}{'' if with_rope else ', no rope'}"
-            record(f"qk_norm_rope fwd, {tag}", qk_norm_rope._fwd, qkv, head_weight, head_weight, cos, sin, 1e-6)
+            qkv_bias = _meta((3 * dim,), torch.float32)
+            record(f"qk_norm_rope fwd, {tag}", qk_norm_rope._fwd, qkv, qkv_bias, head_weight, head_weight, cos, sin,
+                   1e-6)
             heads_shape = (batch, heads, tokens, head_dim)
             record(f"qk_norm_rope bwd, {tag}", qk_norm_rope._bwd, _meta(heads_shape), _meta(heads_shape),
-                   _meta(heads_shape), qkv, head_weight, head_weight, cos, sin, 1e-6)
+                   _meta(heads_shape), qkv, qkv_bias, head_weight, head_weight, cos, sin, 1e-6)
     x12 = _meta((batch, tokens, 2 * 3072))  # XL's SwiGLU: int(2/3 * 4 * 1152) = 3072 hidden units
     w12_bias = _meta((2 * 3072,), torch.float32)
     record("swiglu fwd", swiglu._fwd, x12, w12_bias)
@@ -222,6 +224,7 @@ def test_a_spilling_tile_is_caught(monkeypatch):
     shape = (32, 16, 256, 72)
     tables = _meta((256, 72), torch.float32)
     qk_norm_rope._bwd(_meta(shape), _meta(shape), _meta(shape), _meta((32, 256, 3, 16, 72)),
-                      _meta((72,), torch.float32), _meta((72,), torch.float32), tables, tables, 1e-6, launch=launch)
+                      _meta((3 * 1152,), torch.float32), _meta((72,), torch.float32), _meta((72,), torch.float32),
+                      tables, tables, 1e-6, launch=launch)
     usage = _resource_usage(*launch.launches[0])
     assert usage["STACK"] > 0 or usage["REG"] == 255, usage

@@ -154,34 +154,57 @@ def check_rope(device, dtype, shape, strided=False):
 
 
 def _qk_inputs(device, dtype, shape, weight_dtype=torch.float32):
-    """qkv ``(B, N, 3, H, D_h)``, q/k weights and RoPE tables for the fused input stage."""
+    """qkv ``(B, N, 3, H, D_h)``, its bias ``(3 * H * D_h,)``, q/k weights and RoPE tables for the fused input stage."""
     batch, tokens, heads, head_dim = shape
     qkv = _randn((batch, tokens, 3, heads, head_dim), dtype, device, 0, 1.5, 0.3)
+    bias = _randn((3 * heads * head_dim,), weight_dtype, device, 5, 0.5)
     q_weight = _randn((head_dim,), weight_dtype, device, 1, 0.2, 1.0)
     k_weight = _randn((head_dim,), weight_dtype, device, 2, 0.2, 1.0)
     tables = _randn((tokens, head_dim), torch.float32, device, 3), _randn((tokens, head_dim), torch.float32, device, 4)
-    return qkv, q_weight, k_weight, tables
+    return qkv, bias, q_weight, k_weight, tables
 
 
-def check_qk_norm_rope(device, dtype, shape, with_rope=True, weight_dtype=torch.float32, outputs=(0, 1, 2)):
-    """The fused input stage vs the reference composition: q, k, v and the gradients of qkv and both weights.
+def check_qk_norm_rope(device, dtype, shape, with_rope=True, weight_dtype=torch.float32, outputs=(0, 1, 2),
+                       with_bias=True):
+    """The fused input stage vs the reference composition: q, k, v and the gradients of qkv, the bias and both
+    weights. The reference's qkv Linear is an identity (in float64), so its input is qkv itself.
 
     ``outputs`` picks which of q, k, v reach the loss (the others get no gradient from autograd).
     """
     from sfd_train.kernels import qk_norm_rope
 
-    qkv, q_weight, k_weight, (cos, sin) = _qk_inputs(device, dtype, shape, weight_dtype)
+    qkv, bias, q_weight, k_weight, (cos, sin) = _qk_inputs(device, dtype, shape, weight_dtype)
+    heads = qkv.shape[3]
+    identity = torch.eye(qkv.shape[2:].numel(), dtype=torch.float64, device=device)
 
-    def ours(qkv, qw, kw):
-        out = qk_norm_rope.qk_norm_rope(qkv, qw, kw, (cos, sin) if with_rope else None)
+    def ours(qkv, bias, qw, kw):
+        out = qk_norm_rope.qk_norm_rope_heads(qkv, bias, qw, kw, (cos, sin) if with_rope else None)
         assert all(t.is_contiguous() and t.dtype == qkv.dtype for t in out)
         return torch.cat([out[i].flatten() for i in outputs])
 
-    def ref(qkv, qw, kw):
-        out = reference.qk_norm_rope(qkv, qw, kw, (cos.double(), sin.double()) if with_rope else None)
+    def ref(qkv, bias, qw, kw):
+        out = reference.qk_norm_rope(qkv.flatten(2), identity, bias, heads, qw, kw,
+                                     (cos.double(), sin.double()) if with_rope else None)
         return torch.cat([out[i].flatten() for i in outputs])
 
-    return _compare(ours, ref, (qkv, q_weight, k_weight), dtype)
+    return _compare(ours, ref, (qkv, bias if with_bias else None, q_weight, k_weight), dtype)
+
+
+def check_qk_norm_rope_stage(device, dtype):
+    """The whole stage (GEMM without bias + fused kernel) against the reference Linear + composition."""
+    from sfd_train.kernels import qk_norm_rope
+
+    heads, head_dim = 3, 16
+    x = _randn((2, 5, heads * head_dim), dtype, device, 0)
+    weight = _randn((3 * heads * head_dim, heads * head_dim), dtype, device, 1, 0.2)
+    _, bias, q_weight, k_weight, (cos, sin) = _qk_inputs(device, dtype, (2, 5, heads, head_dim), dtype)
+
+    def run(fn, tables):
+        return lambda *args: torch.cat([t.flatten() for t in fn(*args[:3], heads, *args[3:], tables)])
+
+    return _compare(run(qk_norm_rope.qk_norm_rope, (cos, sin)),
+                    run(reference.qk_norm_rope, (cos.double(), sin.double())),
+                    (x, weight, bias, q_weight, k_weight), dtype)
 
 
 def check_swiglu(device, dtype, shape, with_bias=True):
@@ -234,13 +257,14 @@ def check_opcheck(device):
     torch.library.opcheck(torch.ops.sfd_kernels.rope.default, (q, cos, sin, False))
     from sfd_train.kernels import qk_norm_rope  # noqa: F401
 
-    qkv, q_weight, k_weight, (cos, sin) = _qk_inputs(device, torch.float32, (2, 5, 3, 16))
-    for args in ((qkv, q_weight, k_weight, cos, sin, 1e-6), (qkv, q_weight, k_weight, None, None, 1e-6)):
+    qkv, bias, q_weight, k_weight, (cos, sin) = _qk_inputs(device, torch.float32, (2, 5, 3, 16))
+    for args in ((qkv, bias, q_weight, k_weight, cos, sin, 1e-6), (qkv, None, q_weight, k_weight, None, None, 1e-6)):
         args = tuple(t.requires_grad_() if isinstance(t, torch.Tensor) and t.dim() != 2 else t for t in args)
         torch.library.opcheck(torch.ops.sfd_kernels.qk_norm_rope_fwd.default, args)
     heads = [_randn((2, 3, 5, 16), torch.float32, device, 10 + i) for i in range(3)]
-    torch.library.opcheck(torch.ops.sfd_kernels.qk_norm_rope_bwd.default,
-                          (*heads, qkv.detach(), q_weight.detach(), k_weight.detach(), cos, sin, 1e-6))
+    for b in (bias.detach(), None):
+        torch.library.opcheck(torch.ops.sfd_kernels.qk_norm_rope_bwd.default,
+                              (*heads, qkv.detach(), b, q_weight.detach(), k_weight.detach(), cos, sin, 1e-6))
     from sfd_train.kernels import swiglu  # noqa: F401
 
     x12 = _randn((2, 5, 24), torch.float32, device, 11).requires_grad_()
@@ -315,12 +339,14 @@ def check_compile_qk_norm_rope(device, backend):
     """torch.compile(fullgraph=True) keeps the fused input stage as its custom op and agrees with eager."""
     from sfd_train.kernels import qk_norm_rope
 
-    def stage(qkv, qw, kw, cos, sin):
-        q, k, v = qk_norm_rope.qk_norm_rope(qkv, qw, kw, (cos, sin))
+    def stage(x, weight, bias, qw, kw, cos, sin):
+        q, k, v = qk_norm_rope.qk_norm_rope(x, weight, bias, 3, qw, kw, (cos, sin))
         return (q * k).sum(-1).square().mean() + (v * q).mean()
 
-    qkv, q_weight, k_weight, tables = _qk_inputs(device, torch.float32, (2, 6, 3, 16))
-    _check_compiled_op(stage, (qkv, q_weight, k_weight), backend, "sfd_kernels.qk_norm_rope_fwd", constants=tables)
+    _, bias, q_weight, k_weight, tables = _qk_inputs(device, torch.float32, (2, 6, 3, 16))
+    x, weight = _randn((2, 6, 48), torch.float32, device, 7), _randn((144, 48), torch.float32, device, 8, 0.2)
+    _check_compiled_op(stage, (x, weight, bias, q_weight, k_weight), backend, "sfd_kernels.qk_norm_rope_fwd",
+                       constants=tables)
 
 
 def check_compile_swiglu(device, backend):
@@ -442,8 +468,12 @@ for _name, _dtype in DTYPES.items():
     INTERPRETED_CASES[f"swiglu-{_name}-hidden3072"] = (check_swiglu, (_dtype, (1, 3, 6144)))
     INTERPRETED_CASES[f"swiglu-{_name}-hidden20"] = (check_swiglu, (_dtype, (2, 7, 40)))
     INTERPRETED_CASES[f"swiglu-{_name}-stage"] = (check_swiglu_stage, (_dtype,))
+    INTERPRETED_CASES[f"qk_norm_rope-{_name}-stage"] = (check_qk_norm_rope_stage, (_dtype,))
     INTERPRETED_CASES[f"qk_norm_rope-{_name}-weight-in-dtype"] = (
         check_qk_norm_rope, (_dtype, (2, 3, 2, 16), True, _dtype))
+INTERPRETED_CASES["qk_norm_rope-fp32-no-bias"] = (
+    check_qk_norm_rope, (torch.float32, (2, 5, 3, 72), True, torch.float32, (0, 1, 2), False))
+INTERPRETED_CASES["qk_norm_rope-fp32-odd-tokens"] = (check_qk_norm_rope, (torch.float32, (2, 17, 3, 16)))
 INTERPRETED_CASES["qk_norm_rope-fp32-no-rope"] = (check_qk_norm_rope, (torch.float32, (2, 5, 3, 72), False))
 INTERPRETED_CASES["qk_norm_rope-bf16-no-rope"] = (check_qk_norm_rope, (torch.bfloat16, (2, 5, 3, 72), False))
 INTERPRETED_CASES["qk_norm_rope-fp32-v-unused"] = (
@@ -553,6 +583,8 @@ def test_cuda_qk_norm_rope(dtype, head_dim, with_rope):
     # XL's attention input at batch 32 (1152 channels), and an odd token count.
     check_qk_norm_rope("cuda", dtype, (32, 256, 1152 // head_dim, head_dim), with_rope)
     check_qk_norm_rope("cuda", dtype, (3, 17, 5, head_dim), with_rope, dtype)
+    check_qk_norm_rope("cuda", dtype, (3, 17, 5, head_dim), with_rope, with_bias=False)
+    check_qk_norm_rope_stage("cuda", dtype)
 
 
 @pytest.mark.cuda

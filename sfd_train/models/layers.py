@@ -96,10 +96,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         if self._qk_norm_rope is not None:
-            q, k, v = self._qk_norm_rope(qkv, self.q_norm.weight, self.k_norm.weight, rope, self.q_norm.eps)
+            # The op applies the qkv Linear itself, so that a fused kernel can take its bias.
+            q, k, v = self._qk_norm_rope(x, self.qkv.weight, self.qkv.bias, self.num_heads, self.q_norm.weight,
+                                         self.k_norm.weight, rope, self.q_norm.eps)
         else:  # LayerNorm or no q/k norm
+            qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
             if rope is not None:
