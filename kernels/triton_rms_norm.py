@@ -12,8 +12,8 @@ scale and the shift on and off)::
   of d(scale), d(shift), d(gate) (over the tokens of one sample); a tiny torch ``sum`` finishes
   them. Each program owns a run of rows of one sample, so no atomics are needed and the
   result is deterministic. It holds a row in registers as two power-of-two pieces (1152 =
-  1024 + 128), not one padded to 2048: at XL's width that halves its registers, so two
-  programs fit on a multiprocessor.
+  1024 + 128), not one padded to 2048: at XL's width that cuts its registers by about 40%, so
+  the loads in flight per multiprocessor double (tests/test_kernels_sm90.py).
 - The residual form exists for the model's block boundaries: each attention or MLP output is
   added to the stream by the norm that reads the stream next. Its backward takes the norm's
   gradient and the stream's own, and returns those of x, branch and gate in the same pass.
@@ -197,7 +197,7 @@ def _rms_norm_bwd_kernel(
 ):
     # A row is held in registers as two power-of-two pieces, [0, PIECE_A) and [PIECE_A, PIECE_A +
     # PIECE_B), so that 1152 channels take 1024 + 128 lanes rather than 2048: the padding would
-    # otherwise cost a multiprocessor half its resident programs (tests/test_kernels_sm90.py).
+    # otherwise cost a multiprocessor half its loads in flight (tests/test_kernels_sm90.py).
     # Program (b, s) owns rows [s * rows_per_program, (s + 1) * rows_per_program) of sample b.
     sample = tl.program_id(0)
     split = tl.program_id(1)
