@@ -408,12 +408,16 @@ def bench_add_rms_norm(b: Bench, dtype, ours_available: bool):
         fused = variants["fused triton (ours)"]
         for rows, warps in a.norm_bwd_tiles:
             def with_tile(run=fused, rows=rows, warps=warps):
-                chosen = triton_rms_norm._bwd_tile
-                triton_rms_norm._bwd_tile = lambda D: (*chosen(D)[:2], rows, warps)
+                chosen, backward = triton_rms_norm._row_tile, triton_rms_norm.BWD_VALUES
+
+                def tile(D, values):  # the backward's tile only
+                    return (*chosen(D, values)[:2], rows, warps) if values == backward else chosen(D, values)
+
+                triton_rms_norm._row_tile = tile
                 try:
                     run()
                 finally:
-                    triton_rms_norm._bwd_tile = chosen
+                    triton_rms_norm._row_tile = chosen
 
             variants[f"fused, backward tile {rows}x{warps}"] = with_tile
     # Forward reads x (4 B), branch (2 B), writes x_new (4 B), h (2 B); backward reads dh, d(x_new), x_new,

@@ -52,6 +52,36 @@ MAX_HIDDEN = 16384
 
 
 @triton.jit
+def _fwd_piece_input(X, BRANCH, GATE, X_OUT, x_off, dense_off, mod_row, cols, mask, HAS_RESIDUAL: tl.constexpr):
+    """One column piece of a tile of x (fp32); with the residual, ``x + gate[b] * branch``, also stored."""
+    x = tl.load(X + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        # Added in fp32; the norm reads the stored (rounded) sum, which is what the backward reads back.
+        offsets = dense_off[:, None] + cols[None, :]
+        gate = tl.load(GATE + mod_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        branch = tl.load(BRANCH + offsets, mask=mask, other=0.0).to(tl.float32)
+        x_out = (x + gate * branch).to(X_OUT.dtype.element_ty)
+        tl.store(X_OUT + offsets, x_out, mask=mask)
+        x = x_out.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _fwd_piece_output(Y, W, SHIFT, SCALE, dense_off, mod_row, cols, mask, col_mask, x, rstd,
+                      HAS_WEIGHT: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """Stores one column piece of ``y = x * rstd * w * (1 + scale[b]) + shift[b]``."""
+    y = x * rstd[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SCALE:
+        mod_off = mod_row[:, None] + cols[None, :]
+        y = y * (1.0 + tl.load(SCALE + mod_off, mask=mask, other=0.0).to(tl.float32))
+        if HAS_SHIFT:
+            y = y + tl.load(SHIFT + mod_off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + dense_off[:, None] + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rms_norm_fwd_kernel(
     X, BRANCH, GATE, W, SHIFT, SCALE, X_OUT, Y, RSTD,
     n_rows, D, rows_per_sample,
@@ -62,14 +92,19 @@ def _rms_norm_fwd_kernel(
     HAS_SHIFT: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    PIECE_A: tl.constexpr,
+    PIECE_B: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
+    # A row as two power-of-two pieces, as in the backward (see _row_tile).
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.arange(0, BLOCK_D)
+    cols_a = tl.arange(0, PIECE_A)
+    cols_b = PIECE_A + tl.arange(0, PIECE_B)
     row_mask = rows < n_rows
-    col_mask = cols < D
-    mask = row_mask[:, None] & col_mask[None, :]
+    mask_a = cols_a < D
+    mask_b = cols_b < D
+    tile_a = row_mask[:, None] & mask_a[None, :]
+    tile_b = row_mask[:, None] & mask_b[None, :]
     # Row r of the flattened leading dims (n0, n1, n2) -> its strided offset in x.
     i2 = rows % size2
     i1 = (rows // size2) % size1
@@ -78,28 +113,15 @@ def _rms_norm_fwd_kernel(
     # Row starts are multiples of ALIGN elements (checked by the launcher): lets Triton use
     # 16-byte loads/stores even when D (72 for XL's heads) is not a multiple of 16.
     x_off = tl.multiple_of(x_off, ALIGN)
-    x = tl.load(X + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    y_off = tl.multiple_of(rows.to(tl.int64) * D, ALIGN)[:, None] + cols[None, :]
-    mod_off = (rows // rows_per_sample).to(tl.int64)[:, None] * D + cols[None, :]
-    if HAS_RESIDUAL:
-        # The pending gated residual x + gate[b] * branch, added in fp32; the norm reads the
-        # stored (rounded) sum, which is what the backward will read back.
-        gate = tl.load(GATE + mod_off, mask=mask, other=0.0).to(tl.float32)
-        branch = tl.load(BRANCH + y_off, mask=mask, other=0.0).to(tl.float32)
-        x_out = (x + gate * branch).to(X_OUT.dtype.element_ty)
-        tl.store(X_OUT + y_off, x_out, mask=mask)
-        x = x_out.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
-    y = x * rstd[:, None]
-    if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-        y = y * w[None, :]
-    if HAS_SCALE:
-        scale = tl.load(SCALE + mod_off, mask=mask, other=0.0).to(tl.float32)
-        y = y * (1.0 + scale)
-        if HAS_SHIFT:
-            y = y + tl.load(SHIFT + mod_off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + y_off, y.to(Y.dtype.element_ty), mask=mask)
+    dense_off = tl.multiple_of(rows.to(tl.int64) * D, ALIGN)
+    mod_row = (rows // rows_per_sample).to(tl.int64) * D
+    x_a = _fwd_piece_input(X, BRANCH, GATE, X_OUT, x_off, dense_off, mod_row, cols_a, tile_a, HAS_RESIDUAL)
+    x_b = _fwd_piece_input(X, BRANCH, GATE, X_OUT, x_off, dense_off, mod_row, cols_b, tile_b, HAS_RESIDUAL)
+    rstd = tl.rsqrt((tl.sum(x_a * x_a, axis=1) + tl.sum(x_b * x_b, axis=1)) / D + eps)
+    _fwd_piece_output(Y, W, SHIFT, SCALE, dense_off, mod_row, cols_a, tile_a, mask_a, x_a, rstd,
+                      HAS_WEIGHT, HAS_SHIFT, HAS_SCALE)
+    _fwd_piece_output(Y, W, SHIFT, SCALE, dense_off, mod_row, cols_b, tile_b, mask_b, x_b, rstd,
+                      HAS_WEIGHT, HAS_SHIFT, HAS_SCALE)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
@@ -261,38 +283,28 @@ def _rms_norm_bwd_kernel(
 # --------------------------------------------------------------------------- launchers
 
 
-@functools.lru_cache(maxsize=None)
-def _tile(D: int) -> Tuple[int, int, int]:
-    """``(BLOCK_D, BLOCK_ROWS, num_warps)``: about 4K fp32 values per program.
-
-    Narrow rows (the q/k norms over 64-96 channels) take many rows per program so that
-    a program still moves a few KiB; wide rows take one or two.
-    """
-    if D > MAX_HIDDEN:
-        raise ValueError(f"Triton RMSNorm supports rows of at most {MAX_HIDDEN} values, got {D}")
-    block_d = triton.next_power_of_2(D)
-    block_rows = max(1, min(64, 4096 // block_d))
-    num_warps = max(1, min(16, block_d * block_rows // 512))
-    return block_d, block_rows, num_warps
+# Values per program of the forward and the backward. The backward holds a tile per row piece for
+# its whole loop step, and its per-column sums besides.
+FWD_VALUES, BWD_VALUES = 2304, 4608
 
 
 @functools.lru_cache(maxsize=None)
-def _bwd_tile(D: int) -> Tuple[int, int, int, int]:
-    """``(PIECE_A, PIECE_B, BLOCK_ROWS, num_warps)`` of the backward: a row as two power-of-two pieces.
+def _row_tile(D: int, values: int) -> Tuple[int, int, int, int]:
+    """``(PIECE_A, PIECE_B, BLOCK_ROWS, num_warps)`` for rows of D and about ``values`` per program.
 
-    ``PIECE_A`` is the largest power of two up to D and ``PIECE_B`` covers the rest (at least 16
-    lanes, all masked when D is a power of two), so 1152 takes 1152 lanes, not 2048. About 4.5K
-    values per program, about 9 per thread: at XL's width that is 4 rows on 16 warps. Its
-    registers (113 for the fused residual backward with triton 3.9, 124 with 3.6) fit the
-    program on a multiprocessor with 54 KB of loads in flight. The padded row would take 1.7x
-    the registers (tests/test_kernels_sm90.py).
+    A row is held as two power-of-two pieces. ``PIECE_A`` is the largest power of two up to D and
+    ``PIECE_B`` covers the rest (at least 16 lanes, all masked when D is a power of two), so 1152
+    takes 1152 lanes, not 2048. About 9 values per thread. At XL's width the backward (4608) is 4
+    rows on 16 warps: 113 registers for the fused residual backward with triton 3.9, 124 with 3.6,
+    54 KiB of loads in flight per multiprocessor. The forward (2304) is 2 rows on 8 warps. The
+    padded row would take 1.7x the registers (tests/test_kernels_sm90.py).
     """
     if D > MAX_HIDDEN:
         raise ValueError(f"Triton RMSNorm supports rows of at most {MAX_HIDDEN} values, got {D}")
     piece_a = 1 << (int(D).bit_length() - 1)
     piece_b = max(16, triton.next_power_of_2(D - piece_a)) if D > piece_a else 16
     width = piece_a + piece_b
-    block_rows = 1 << max(0, min(6, (4608 // width).bit_length() - 1))
+    block_rows = 1 << max(0, min(6, (values // width).bit_length() - 1))
     num_warps = 1 << max(0, min(4, (block_rows * width // 256).bit_length() - 1))
     return piece_a, piece_b, block_rows, num_warps
 
@@ -394,7 +406,7 @@ def _fwd(
     if residual is not None:
         x_new = torch.empty(x.shape, dtype=_residual_dtype(x, branch, gate), device=x.device)
         dense = (y, branch, x_new)
-    block_d, block_rows, num_warps = _tile(int(D))
+    piece_a, piece_b, block_rows, num_warps = _row_tile(int(D), FWD_VALUES)
     launch(_rms_norm_fwd_kernel)[(triton.cdiv(rows, block_rows),)](
         x, branch, gate, weight, shift, scale, x_new, y, rstd,
         rows, D, rows_per_sample,
@@ -405,7 +417,8 @@ def _fwd(
         HAS_SHIFT=shift is not None,
         HAS_SCALE=scale is not None,
         BLOCK_ROWS=block_rows,
-        BLOCK_D=block_d,
+        PIECE_A=piece_a,
+        PIECE_B=piece_b,
         ALIGN=_alignment(x, D, strides, dense),
         num_warps=num_warps,
     )
@@ -436,7 +449,7 @@ def _bwd(
         samples, rows_per_sample = x.shape[0], x.shape[1]
     else:
         samples, rows_per_sample = 1, rows
-    piece_a, piece_b, block_rows, num_warps = _bwd_tile(int(D))
+    piece_a, piece_b, block_rows, num_warps = _row_tile(int(D), BWD_VALUES)
     # Enough programs to keep the memory system busy: a few waves over the SMs, and for
     # narrow rows (q/k norms) at most ~4 tiles per program; partial sums stay small.
     target = max(_target_programs(x.device), triton.cdiv(rows, 4 * block_rows))

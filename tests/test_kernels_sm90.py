@@ -172,12 +172,15 @@ def loads_in_flight_kib(usage: dict, rows_per_program: int, bytes_per_row: int) 
     return resident_programs(usage["REG"], usage["WARPS"]) * rows_per_program * bytes_per_row / 1024
 
 
-# The memory-bound backwards that sum over rows hold their tile and sums in registers; the
+# The memory-bound row kernels hold their tile (and the backwards their sums) in registers; the
 # multiprocessor needs enough bytes in flight, from all its resident programs together, to
 # cover the memory latency (an H100 at 3.35 TB/s with about 1.5 us: about 38 KB per SM; an
 # H200 more). Bytes per row loaded, and the floor in KiB. These tiles also meet the floors with
 # triton 3.6, whose register counts are higher (checked by hand, 2026-12-01).
 LOADS_IN_FLIGHT = {
+    "add_rms_norm fwd": (1152 * (4 + 2), 48),  # the stream, branch
+    "rms_norm_modulate fwd": (1152 * 4, 32),
+    "q/k rms_norm fwd, head 72": (72 * 2, 16),
     "add_rms_norm bwd": (1152 * (2 + 4 + 4 + 2), 48),  # dy, x_new, the stream's gradient, branch
     "rms_norm_modulate bwd": (1152 * (2 + 4), 24),
     "q/k rms_norm bwd, head 72": (72 * (2 + 2), 16),
@@ -186,7 +189,7 @@ LOADS_IN_FLIGHT = {
 
 
 @pytest.mark.parametrize("kernel", list(LOADS_IN_FLIGHT))
-def test_backwards_keep_enough_loads_in_flight(kernel, resource_usage):
+def test_row_kernels_keep_enough_loads_in_flight(kernel, resource_usage):
     usage = resource_usage[kernel]
     bytes_per_row, floor_kib = LOADS_IN_FLIGHT[kernel]
     in_flight = loads_in_flight_kib(usage, usage["BLOCK_ROWS"], bytes_per_row)
@@ -197,7 +200,7 @@ def test_a_padded_row_would_fall_short(monkeypatch):
     """The check can fail: 1152 channels padded to one 2048-lane piece (2 rows, 8 warps) hold one program per SM."""
     from sfd_train.kernels import triton_rms_norm
 
-    monkeypatch.setattr(triton_rms_norm, "_bwd_tile", lambda D: (2048, 16, 2, 8))
+    monkeypatch.setattr(triton_rms_norm, "_row_tile", lambda D, values: (2048, 16, 2, 8))
     monkeypatch.setattr(triton_rms_norm, "_target_programs", lambda device: 4 * H100_SMS)
     launch = _RecordedLaunch()
     stream, modulation = _meta((32, 256, 1152), torch.float32), _meta((32, 1152))
