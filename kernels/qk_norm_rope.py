@@ -232,12 +232,14 @@ def _qk_norm_rope_bwd_kernel(
 
 
 # (values per tensor per program, warps). Chosen from the sm_90 builds' register counts
-# (tests/test_kernels_sm90.py compiles them here): the forward at 1024/4 takes 16-byte accesses
-# in about 110 registers; the backward holds about twice the tensors live, and at 512/4 stays
-# near 95 registers with no spills, where 2048/4 spilled. benchmarks/bench_kernels.py --qk-tiles
-# times the alternatives on a GPU.
-FWD_TILE = (1024, 4)
-BWD_TILE = (512, 4)
+# (tests/test_kernels_sm90.py compiles them here): both kernels hold about 14 fp32 values per lane
+# and row live (a row of 72 takes 128 lanes), so registers, not the tile, bound the rows in flight.
+# Two warps per program let more programs share a multiprocessor: about 20 KiB of loads in flight
+# with triton 3.9 (14 with 3.6), against 11-13 KiB at four warps. A row split into power-of-two
+# pieces (64 + 8) took more registers here, not fewer: the 8-lane piece is replicated across the
+# warps. benchmarks/bench_kernels.py --qk-tiles times the alternatives on a GPU.
+FWD_TILE = (1024, 2)
+BWD_TILE = (512, 2)
 
 
 def _tile(D: int, tile: Tuple[int, int]) -> Tuple[int, int, int]:
@@ -246,7 +248,8 @@ def _tile(D: int, tile: Tuple[int, int]) -> Tuple[int, int, int]:
         raise ValueError(f"the fused q/k norm + RoPE takes even head dims up to {MAX_HEAD_DIM}, got {D}")
     values, num_warps = tile
     block_d = triton.next_power_of_2(D)
-    return block_d, max(1, values // block_d), num_warps
+    rows = max(1, values // block_d)
+    return block_d, 1 << (rows.bit_length() - 1), num_warps  # a power of two (tl.arange)
 
 
 def _dims(qkv: torch.Tensor) -> Tuple[int, int, int, int]:

@@ -185,6 +185,9 @@ LOADS_IN_FLIGHT = {
     "rms_norm_modulate bwd": (1152 * (2 + 4), 24),
     "q/k rms_norm bwd, head 72": (72 * (2 + 2), 16),
     "swiglu bwd": (1024 * (2 + 2 + 2), 32),  # x1, x2, dh for one column block
+    # The q/k stage is bound by registers (see FWD_TILE in kernels/qk_norm_rope.py): lower floors.
+    "qk_norm_rope fwd, head 72": (72 * 3 * 2, 12),  # q, k, v
+    "qk_norm_rope bwd, head 72": (72 * 5 * 2, 12),  # dq, dk, dv, q, k
 }
 
 
