@@ -94,7 +94,7 @@ case "$part" in
         "$python" -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py -m cuda \
             -k "qk_norm_rope or swiglu or add_rms_norm or rms_norm_modulate or custom_ops or model_matches" 2>&1 | tee "$out/fused-tests.log" | tail -5 \
             || echo "gpu_suite: fused-kernel CUDA checks FAILED (fused-tests.log)"
-        "$python" benchmarks/bench_kernels.py --sections add_rms_norm,qk_norm_rope,swiglu,modulate,qk_norm \
+        "$python" benchmarks/bench_kernels.py --sections add_rms_norm,qk_norm_rope,swiglu,modulate,qk_norm,rms_norm \
             --qk-tiles "1024x4:512x4,2048x8:1024x8,512x2:256x2" --norm-bwd-tiles "2x8,2x4,1x4" \
             --json "$out/fused-kernels.json" 2>&1 | tee "$out/fused-kernels.log" | tail -40
         ;;
