@@ -176,7 +176,7 @@ def loads_in_flight_kib(usage: dict, rows_per_program: int, bytes_per_row: int) 
 # multiprocessor needs enough bytes in flight, from all its resident programs together, to
 # cover the memory latency (an H100 at 3.35 TB/s with about 1.5 us: about 38 KB per SM; an
 # H200 more). Bytes per row loaded, and the floor in KiB. These tiles also meet the floors with
-# triton 3.6, whose register counts are higher (checked by hand, 2026-12-01).
+# triton 3.5 and 3.6, whose register counts are higher (checked by hand, 2026-12-01).
 LOADS_IN_FLIGHT = {
     "add_rms_norm fwd": (1152 * (4 + 2), 48),  # the stream, branch
     "rms_norm_modulate fwd": (1152 * 4, 32),
