@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from sfd_train.kernels import reference
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SECTIONS = ("rms_norm", "modulate", "qk_norm", "rope", "qk_norm_rope", "add_rms_norm", "swiglu", "attention")
 
 
 def parse_qk_tiles(text: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
@@ -88,8 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=256, help="tokens per sample")
     p.add_argument("--heads", type=int, default=16, help="attention heads (head dim = hidden / heads)")
     p.add_argument("--mlp-hidden", type=int, default=3072, help="SwiGLU hidden units (XL: int(2/3 * 4 * 1152))")
-    p.add_argument("--sections", default="rms_norm,modulate,qk_norm,rope,qk_norm_rope,add_rms_norm,swiglu,attention",
-                   help="comma-separated sections")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated sections, of: {', '.join(SECTIONS)}")
     p.add_argument("--qk-tiles", default="",
                    help="extra tiles of the fused q/k norm + RoPE to time, as FWD:BWD pairs of VALUESxWARPS "
                         "(values per tensor per program), comma-separated, e.g. '2048x8:1024x8,512x4:512x2'")
@@ -106,6 +106,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.qk_tiles = parse_qk_tiles(args.qk_tiles)
     args.norm_bwd_tiles = parse_row_tiles(args.norm_bwd_tiles)
+    unknown = sorted(set(args.sections.split(",")) - set(SECTIONS))
+    if unknown:
+        raise SystemExit(f"--sections: unknown {', '.join(unknown)} (choose from {', '.join(SECTIONS)})")
     if args.compile_backend is None:
         args.compile_backend = "inductor" if args.device == "cuda" else "aot_eager"
     if args.tiny:

@@ -104,3 +104,25 @@ def test_kernel_families_of_a_profile():
     assert rows["copy / cast"] == (0.001, 1) and rows["other"] == (0.008, 1)
     assert rows["ours (sfd kernels)"] == (0.03, 1)
     assert [f for f, _, _ in bench_step.kernel_time_by_family(kernels, 2)][0] == "optimizer"  # largest first
+
+
+def test_gpu_suite_arguments_are_valid():
+    """Every variant, section and tile the GPU suite passes parses here, so a typo cannot cost a lease."""
+    import re
+    import shlex
+
+    script = (BENCH / "gpu_suite.sh").read_text().replace("\\\n", " ")  # join continued lines
+    bench_step, bench_kernels = _load("bench_step"), _load("bench_kernels")
+    defaults = re.findall(r"variants=\$\{2:-([^}]+)\}", script)
+    assert len(defaults) == 2, defaults  # the 'fused' and 'step' parts
+    for spec in ",".join(defaults).split(","):
+        bench_step.parse_variant(spec)
+    calls = [line.split("benchmarks/bench_kernels.py", 1)[1].split("2>&1")[0]
+             for line in script.splitlines() if "benchmarks/bench_kernels.py " in line and "$python" in line]
+    assert calls, "no bench_kernels.py call in gpu_suite.sh"
+    for call in calls:
+        words = shlex.split(call)
+        options = [w for i, w in enumerate(words) if w != "--json" and (i == 0 or words[i - 1] != "--json")]
+        bench_kernels.parse_args([*options, "--device", "cpu"])
+    with pytest.raises(SystemExit, match="unknown modulat"):
+        bench_kernels.parse_args(["--sections", "modulat"])
