@@ -34,7 +34,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from sfd_train.kernels.triton_rms_norm import _direct, _target_programs, register_op, vector_alignment
+from sfd_train.kernels.triton_rms_norm import (
+    _direct, _target_programs, column_vector, or_empty, register_op, vector_alignment,
+)
 
 # Widest head the kernels take in registers (the family uses 64, 72 and 96).
 MAX_HEAD_DIM = 256
@@ -65,16 +67,6 @@ def _head_rows(tokens, BLOCK_ROWS: tl.constexpr, TILE: tl.constexpr):
     first = head_rows * tokens + tl.program_id(1) * BLOCK_ROWS * TILE
     last = tl.minimum(first + BLOCK_ROWS * TILE, head_rows * tokens + tokens)
     return head_rows, first, last
-
-
-@triton.jit
-def _bias_vector(BIAS, at, cols, col_mask, HAS_BIAS: tl.constexpr):
-    """One head's slice of the qkv bias (fp32), or zeros without a bias."""
-    if HAS_BIAS:
-        bias = tl.load(BIAS + at + cols, mask=col_mask, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros(cols.shape, dtype=tl.float32)
-    return bias
 
 
 @triton.jit
@@ -127,15 +119,15 @@ def _qk_norm_rope_fwd_kernel(
     out = dst[:, None] + cols[None, :]
     partner = cols ^ 1
     q = _normed_rotated(QKV, WQ, src, cols, mask, col_mask, cos, sin, sign, D, eps,
-                        _bias_vector(BIAS, head_at, cols, col_mask, HAS_BIAS),
-                        _bias_vector(BIAS, head_at, partner, col_mask, HAS_BIAS and HAS_ROPE), HAS_ROPE)
+                        column_vector(BIAS, head_at, cols, col_mask, HAS_BIAS, 0.0),
+                        column_vector(BIAS, head_at, partner, col_mask, HAS_BIAS and HAS_ROPE, 0.0), HAS_ROPE)
     tl.store(Q + out, q.to(Q.dtype.element_ty), mask=mask)
     k = _normed_rotated(QKV, WK, src + width, cols, mask, col_mask, cos, sin, sign, D, eps,
-                        _bias_vector(BIAS, width + head_at, cols, col_mask, HAS_BIAS),
-                        _bias_vector(BIAS, width + head_at, partner, col_mask, HAS_BIAS and HAS_ROPE), HAS_ROPE)
+                        column_vector(BIAS, width + head_at, cols, col_mask, HAS_BIAS, 0.0),
+                        column_vector(BIAS, width + head_at, partner, col_mask, HAS_BIAS and HAS_ROPE, 0.0), HAS_ROPE)
     tl.store(K + out, k.to(K.dtype.element_ty), mask=mask)
     v = tl.load(QKV + (src + 2 * width)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    v += _bias_vector(BIAS, 2 * width + head_at, cols, col_mask, HAS_BIAS)[None, :]
+    v += column_vector(BIAS, 2 * width + head_at, cols, col_mask, HAS_BIAS, 0.0)[None, :]
     tl.store(V + out, v.to(V.dtype.element_ty), mask=mask)
 
 
@@ -179,8 +171,8 @@ def _qk_norm_rope_bwd_kernel(
     col_mask = cols < D
     width = heads * D
     head_at = (head_rows % heads) * D
-    bq = _bias_vector(BIAS, head_at, cols, col_mask, HAS_BIAS)
-    bk = _bias_vector(BIAS, width + head_at, cols, col_mask, HAS_BIAS)
+    bq = column_vector(BIAS, head_at, cols, col_mask, HAS_BIAS, 0.0)
+    bk = column_vector(BIAS, width + head_at, cols, col_mask, HAS_BIAS, 0.0)
     dwq_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dwk_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbq_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -354,7 +346,7 @@ def qk_norm_rope_bwd_op(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: ``(d qkv, d bias, d q_weight, d k_weight)``; d bias is empty without a bias."""
     dqkv, dbias, dwq, dwk = _bwd(dq, dk, dv, qkv, bias, q_weight, k_weight, cos, sin, eps, launch)
-    return dqkv, dbias if dbias is not None else qkv.new_empty(0), dwq, dwk
+    return or_empty(qkv, (dqkv, dbias, dwq, dwk))
 
 
 def _head_grads(qkv, dq, dk, dv):

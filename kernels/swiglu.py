@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from sfd_train.kernels.triton_rms_norm import _direct, _target_programs, register_op, vector_alignment
+from sfd_train.kernels.triton_rms_norm import _direct, _target_programs, or_empty, register_op, vector_alignment
 
 # Values per program, warps: 8 values a thread, so 16-byte accesses in bf16.
 BLOCK, NUM_WARPS = 1024, 4
@@ -150,7 +150,7 @@ def swiglu_bwd_op(dh: torch.Tensor, x12: torch.Tensor, bias: Optional[torch.Tens
                   launch=_direct) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backward: the gradients of x12 and of the bias (empty without a bias: custom ops cannot return None)."""
     dx12, dbias = _bwd(dh, x12, bias, launch)
-    return dx12, dbias if dbias is not None else x12.new_empty(0)
+    return or_empty(x12, (dx12, dbias))
 
 
 def _setup_context(ctx, inputs, output):

@@ -126,8 +126,8 @@ def _rms_norm_fwd_kernel(
 
 
 @triton.jit
-def _piece_vector(PTR, row, cols, mask, PRESENT: tl.constexpr, ABSENT: tl.constexpr):
-    """A per-column vector (weight, scale, gate) over one piece in fp32; ``ABSENT`` for an absent input."""
+def column_vector(PTR, row, cols, mask, PRESENT: tl.constexpr, ABSENT: tl.constexpr):
+    """A per-column vector (weight, scale, gate, bias) over ``cols`` in fp32; ``ABSENT`` for an absent input."""
     if PRESENT:
         vector = tl.load(PTR + row + cols, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -232,12 +232,12 @@ def _rms_norm_bwd_kernel(
     # Per-sample vectors (one sample per program when there is a scale), loaded once.
     mod_row = sample.to(tl.int64) * D
     # An absent weight is ones and an absent scale zeros: the chain below multiplies by them exactly.
-    w_a = _piece_vector(W, 0, cols_a, mask_a, HAS_WEIGHT, 1.0)
-    w_b = _piece_vector(W, 0, cols_b, mask_b, HAS_WEIGHT, 1.0)
-    gain_a = 1.0 + _piece_vector(SCALE, mod_row, cols_a, mask_a, HAS_SCALE, 0.0)
-    gain_b = 1.0 + _piece_vector(SCALE, mod_row, cols_b, mask_b, HAS_SCALE, 0.0)
-    gate_a = _piece_vector(GATE, mod_row, cols_a, mask_a, HAS_RESIDUAL, 0.0)
-    gate_b = _piece_vector(GATE, mod_row, cols_b, mask_b, HAS_RESIDUAL, 0.0)
+    w_a = column_vector(W, 0, cols_a, mask_a, HAS_WEIGHT, 1.0)
+    w_b = column_vector(W, 0, cols_b, mask_b, HAS_WEIGHT, 1.0)
+    gain_a = 1.0 + column_vector(SCALE, mod_row, cols_a, mask_a, HAS_SCALE, 0.0)
+    gain_b = 1.0 + column_vector(SCALE, mod_row, cols_b, mask_b, HAS_SCALE, 0.0)
+    gate_a = column_vector(GATE, mod_row, cols_a, mask_a, HAS_RESIDUAL, 0.0)
+    gate_b = column_vector(GATE, mod_row, cols_b, mask_b, HAS_RESIDUAL, 0.0)
     dshift_a = tl.zeros([PIECE_A], dtype=tl.float32)
     dshift_b = tl.zeros([PIECE_B], dtype=tl.float32)
     dy_xhat_a = tl.zeros([PIECE_A], dtype=tl.float32)
@@ -349,14 +349,12 @@ def _alignment(x: torch.Tensor, D: int, strides, dense: tuple) -> int:
     is when its storage offset is (read from the offset, not ``data_ptr()``, so that
     fake tensors can be traced).
     """
-    align = 16 // max(t.element_size() for t in (x, *dense))
-    for value in (int(D), *(int(s) for s in strides if int(s) != 0)):
-        while value % align:
-            align //= 2
+    element_size = max(t.element_size() for t in (x, *dense))
+    align = min(vector_alignment(value, element_size) for value in (int(D), *(int(s) for s in strides if int(s) != 0)))
     for t in (x, *dense):
         if (int(t.storage_offset()) * t.element_size()) % 16:
             return 1
-    return max(align, 1)
+    return align
 
 
 def vector_alignment(n: int, element_size: int) -> int:
@@ -584,10 +582,10 @@ def rms_norm_bwd_op(
     launch=_direct,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: ``(dx, dweight, dshift, dscale)``; an absent input gets an empty tensor."""
-    return _or_empty(x, _bwd(dy, x, weight, has_shift, scale, rstd, launch)[:4])
+    return or_empty(x, _bwd(dy, x, weight, has_shift, scale, rstd, launch)[:4])
 
 
-def _or_empty(x: torch.Tensor, grads) -> tuple:
+def or_empty(x: torch.Tensor, grads) -> tuple:
     """None -> an empty tensor (custom ops cannot return None)."""
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
@@ -668,7 +666,7 @@ def add_rms_norm_bwd_op(
     """Backward: ``(dx, dbranch, dgate, dweight, dshift, dscale)``; an absent input gets an empty tensor."""
     dx, dw, dshift, dscale, dbranch, dgate = _bwd(dy, x_new, weight, has_shift, scale, rstd, launch,
                                                   residual=(branch, gate), dx_out=dx_out)
-    return _or_empty(x_new, (dx, dbranch, dgate, dw, dshift, dscale))
+    return or_empty(x_new, (dx, dbranch, dgate, dw, dshift, dscale))
 
 
 def _add_setup_context(ctx, inputs, output):
