@@ -49,32 +49,28 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SECTIONS = ("rms_norm", "modulate", "qk_norm", "rope", "qk_norm_rope", "add_rms_norm", "swiglu", "attention")
 
 
+def _int_pair(item: str, option: str, form: str) -> tuple[int, int]:
+    """``"1024x4"`` -> ``(1024, 4)``; anything else exits naming ``option`` and the ``form`` it takes."""
+    first, sep, second = item.partition("x")
+    if not sep or not first.isdigit() or not second.isdigit():
+        raise SystemExit(f"{option}: {item!r} is not {form}")
+    return int(first), int(second)
+
+
 def parse_qk_tiles(text: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """``"2048x8:1024x8,512x4:512x2"`` -> ``[((2048, 8), (1024, 8)), ((512, 4), (512, 2))]``."""
-    def tile(item: str) -> tuple[int, int]:
-        values, sep, warps = item.partition("x")
-        if not sep or not values.isdigit() or not warps.isdigit():
-            raise SystemExit(f"--qk-tiles: {item!r} is not VALUESxWARPS (e.g. 1024x4)")
-        return int(values), int(warps)
-
     pairs = []
     for pair in filter(None, text.split(",")):
         fwd, sep, bwd = pair.partition(":")
         if not sep:
             raise SystemExit(f"--qk-tiles: {pair!r} is not FWD:BWD (e.g. 1024x4:512x4)")
-        pairs.append((tile(fwd), tile(bwd)))
+        pairs.append(tuple(_int_pair(tile, "--qk-tiles", "VALUESxWARPS (e.g. 1024x4)") for tile in (fwd, bwd)))
     return pairs
 
 
 def parse_row_tiles(text: str) -> list[tuple[int, int]]:
     """``"2x8,4x16"`` -> ``[(2, 8), (4, 16)]`` (rows per program x warps)."""
-    tiles = []
-    for item in filter(None, text.split(",")):
-        rows, sep, warps = item.partition("x")
-        if not sep or not rows.isdigit() or not warps.isdigit():
-            raise SystemExit(f"--norm-bwd-tiles: {item!r} is not ROWSxWARPS (e.g. 2x8)")
-        tiles.append((int(rows), int(warps)))
-    return tiles
+    return [_int_pair(item, "--norm-bwd-tiles", "ROWSxWARPS (e.g. 2x8)") for item in filter(None, text.split(","))]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from sfd_train.kernels.triton_rms_norm import _direct, _target_programs, or_empty, register_op, vector_alignment
+from sfd_train.kernels.triton_rms_norm import (_direct, _target_programs, column_vector, or_empty, register_op,
+                                              vector_alignment)
 
 # Values per program, warps: 8 values a thread, so 16-byte accesses in bf16.
 BLOCK, NUM_WARPS = 1024, 4
@@ -62,11 +63,8 @@ def _swiglu_bwd_kernel(DH, X12, BIAS, DX12, DBIAS_PART, n_rows, hidden, rows_per
     col_mask = cols < hidden
     first = split * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
-    b1 = tl.zeros([BLOCK], dtype=tl.float32)
-    b2 = tl.zeros([BLOCK], dtype=tl.float32)
-    if HAS_BIAS:
-        b1 = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
-        b2 = tl.load(BIAS + hidden + cols, mask=col_mask, other=0.0).to(tl.float32)
+    b1 = column_vector(BIAS, 0, cols, col_mask, HAS_BIAS, 0.0)
+    b2 = column_vector(BIAS, hidden, cols, col_mask, HAS_BIAS, 0.0)
     db1 = tl.zeros([BLOCK], dtype=tl.float32)
     db2 = tl.zeros([BLOCK], dtype=tl.float32)
     # A constexpr trip count: Triton 3.6's interpreter cannot loop over a runtime scalar.
