@@ -13,12 +13,23 @@ import shlex
 import sys
 from typing import Any, Sequence
 
+from sfd_train.data_pipeline.credentials import (
+    credential_keys,
+    how_to_give_credentials,
+    url_has_password,
+    without_password,
+)
 from sfd_train.data_pipeline.errors import DataError
+from sfd_train.data_pipeline.storage import url_output_error
 
 logger = logging.getLogger("sfd-data")
 
+# How a profile is named on this command line, for the advice in error messages.
+_PROFILE_OPTION = "--storage-option profile=NAME"
+
 
 def _storage_options(items: Sequence[str]) -> dict[str, Any]:
+    """Parses ``--storage-option KEY=VALUE`` flags (JSON values, else strings); refuses credentials."""
     options: dict[str, Any] = {}
     for item in items or ():
         key, sep, value = item.partition("=")
@@ -28,7 +39,23 @@ def _storage_options(items: Sequence[str]) -> dict[str, Any]:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
+    found = credential_keys(options)
+    if found:
+        # A secret on the command line ends up in shell histories, process lists and job logs.
+        raise DataError(f"--storage-option {found[0]}: looks like a credential, which must not be given on the "
+                        f"command line; remove it and {how_to_give_credentials(_PROFILE_OPTION)}")
     return options
+
+
+def _check_locations(args: argparse.Namespace) -> None:
+    """Refuses a dataset URL with a password in it and an output (``--out``) that is a URL."""
+    path = getattr(args, "path", None)
+    if path is not None and url_has_password(path):
+        raise DataError(f"{without_password(path)!r} embeds a password, which must not be given on the command "
+                        "line; remove 'user:password@' from the URL and " + how_to_give_credentials(_PROFILE_OPTION))
+    problem = url_output_error(args.out) if getattr(args, "out", None) is not None else None
+    if problem:
+        raise DataError(f"--out {problem}")
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -177,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        _check_locations(args)
         return args.fn(args)
     except DataError as err:
         print(f"sfd-data {args.command}: error: {err}", file=sys.stderr)

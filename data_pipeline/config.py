@@ -5,6 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from sfd_train.data_pipeline.credentials import (
+    credential_keys,
+    how_to_give_credentials,
+    url_has_password,
+    without_password,
+)
+
+# How a profile is named in a config file, for the advice in error messages.
+_PROFILE_OPTION = "storage_options: {profile: NAME}"
+
 
 @dataclass
 class DataConfig:
@@ -27,7 +37,7 @@ class DataConfig:
     prefetch_factor: int = 2
     """Micro-batches each loader worker prepares ahead."""
     storage_options: dict[str, Any] = field(default_factory=dict)
-    """fsspec options for URL paths (e.g. {anon: true}); credentials come from the environment, never from here."""
+    """fsspec options for URL paths (e.g. {anon: true}); credentials come from the environment, ~/.aws or {profile: NAME}, never from here (refused)."""
     direct_s3: bool = True
     """Read s3:// shards with presigned ranged GETs straight into the batch buffer (~3x less CPU); false = all reads through s3fs."""
     read_attempts: int = 8
@@ -49,3 +59,18 @@ class DataConfig:
             raise ConfigError("prefetch_factor", f"must be >= 1, got {self.prefetch_factor}")
         if self.read_attempts < 1:
             raise ConfigError("read_attempts", f"must be >= 1, got {self.read_attempts}")
+        self._refuse_credentials()
+
+    def _refuse_credentials(self) -> None:
+        """Refuses secrets in ``path`` or ``storage_options``: this config is written in plain
+        text to config.yaml, the checkpoints and W&B, so a secret here would leak."""
+        from sfd_train.config.base import ConfigError  # noqa: PLC0415 - see validate()
+
+        found = credential_keys(self.storage_options, "storage_options")
+        if found:
+            raise ConfigError(found[0], "looks like a credential; it would be saved in plain text with the config, "
+                              f"checkpoints and W&B files. Remove it and {how_to_give_credentials(_PROFILE_OPTION)}")
+        if url_has_password(self.path):
+            raise ConfigError("path", f"{without_password(self.path)!r} embeds a password, which would be saved in "
+                              "plain text with the config; remove 'user:password@' from the URL and "
+                              f"{how_to_give_credentials(_PROFILE_OPTION)}")

@@ -656,7 +656,7 @@ class CompositeLatentLoader:
         # Pinning happens in finish(), which writes the converted batch straight into pinned memory.
         self._loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=False,
                                   prefetch_factor=self.prefetch_factor, multiprocessing_context=_worker_context(),
-                                  worker_init_fn=_ignore_preemption_signals)
+                                  worker_init_fn=_shield_worker_from_stop_signals)
         return iter(self._loader)
 
     def close(self) -> None:
@@ -729,13 +729,41 @@ def _worker_context():
     return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
 
 
-def _ignore_preemption_signals(worker_id: int) -> None:
-    """Workers ignore SIGUSR2 (its default action would kill them): the trainer, not its
-    data workers, decides when to stop, after a checkpoint. SIGTERM keeps its default,
-    which is how multiprocessing stops workers at exit."""
+# Signals that ask the whole job to stop. The trainer checkpoints on them (see
+# sfd_train.engine.preemption); a loader worker must outlive them until the trainer
+# has saved, because a worker killed under the trainer makes torch's DataLoader raise
+# in the trainer's main thread, wherever it is, a checkpoint save included.
+_JOB_STOP_SIGNALS = ("SIGTERM", "SIGINT")
+
+
+def _shield_worker_from_stop_signals(worker_id: int) -> None:
+    """Loader workers leave stopping to the trainer.
+
+    torchrun signals each rank's whole process group, Slurm every process of the step
+    and a terminal's Ctrl-C the foreground group, so a worker hears the job's stop
+    signals as well as the trainer does. Here SIGUSR2 is ignored, and SIGTERM/SIGINT
+    are taken by a thread that honours them only from the worker's own parent (the
+    DataLoader's ``terminate()`` at shutdown) and ignores them from anyone else. A
+    worker whose trainer has died exits by itself (torch's worker loop watches its
+    parent), so none is left behind.
+    """
     import signal
+    import threading
 
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    stops = {getattr(signal, name) for name in _JOB_STOP_SIGNALS}
+    # Blocked in this thread before any other starts, so every thread inherits the mask
+    # and only sigwaitinfo() below receives them (with the sender's pid).
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    parent = os.getppid()
+
+    def wait_for_parent_stop() -> None:
+        while True:
+            info = signal.sigwaitinfo(stops)
+            if info.si_pid == parent:
+                os._exit(128 + info.si_signo)
+
+    threading.Thread(target=wait_for_parent_stop, name="sfd-stop-signals", daemon=True).start()
 
 
 def build_loader(data_config: DataConfig, *, global_batch_size: int, micro_batch_size: int, rank: int, world_size: int,

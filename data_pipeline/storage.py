@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Sequence, TypeVar
@@ -103,9 +104,34 @@ class RetryPolicy:
         return random.uniform(0, min(self.max_delay, self.initial_delay * 2**attempt))
 
 
+# RFC 3986 scheme followed by '://': what fsspec would take as a protocol.
+_URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def url_scheme(path: str | os.PathLike) -> str | None:
+    """The scheme of ``path`` if it is a URL (``s3`` for ``s3://b/x``, also ``file``), else None."""
+    match = _URL_SCHEME.match(str(path))
+    return match.group(1) if match else None
+
+
 def is_url(path: str) -> bool:
     """Whether ``path`` names an fsspec URL (``proto://...``) rather than a local path."""
-    return "://" in str(path) and not str(path).startswith("file://")
+    return url_scheme(path) is not None and not str(path).startswith("file://")
+
+
+def url_output_error(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be where outputs are written, or None when it can.
+
+    Outputs (checkpoints, the run lock, logs, shards, exported weights) are written as POSIX
+    files: atomic renames, file locks, appends. A URL there would otherwise become a local
+    folder literally named ``s3:`` and the job would report success. ``file://`` is refused
+    too, for the same reason.
+    """
+    if url_scheme(path) is None:
+        return None
+    return (f"{str(path)!r} is a URL, but outputs must go to a local or shared (mounted) filesystem path, because "
+            "checkpoints, the run lock, logs and shards need POSIX files (atomic renames, locks, appends); write to "
+            "such a folder and copy the result to the object store afterwards")
 
 
 class Storage:

@@ -34,8 +34,9 @@ SETUP_ERROR_EXIT_CODE = 78
 MINDSPEED_ENV = "SFD_ENABLE_MINDSPEED"
 """Set to 1 on Ascend nodes when MindSpeed is enabled; the trainer imports mindspeed.megatron_adaptor."""
 
-PREEMPTION_SIGNALS = ("SIGUSR2", "SIGTERM")
-"""Signals the trainer treats as "checkpoint at the next step and exit for a requeue"."""
+PREEMPTION_SIGNALS = ("SIGUSR2", "SIGTERM", "SIGINT")
+"""Signals the trainer treats as "checkpoint at the next step and exit for a requeue" (SIGINT: a
+terminal's Ctrl-C, which torchrun passes on to its workers; a second Ctrl-C stops at once)."""
 
 
 def requeue_file(output_dir: str | os.PathLike) -> Path:

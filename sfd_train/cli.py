@@ -12,12 +12,17 @@ def export_main(argv: list[str]) -> int:
         description="Write a checkpoint's weights in the published form {'model', 'ema', 'config'} "
         "(loadable by the authors' inference code with strict=True).",
     )
-    parser.add_argument("checkpoint", help="a checkpoint folder (step_*) or a run folder (its newest complete checkpoint)")
+    parser.add_argument("checkpoint", help="a checkpoint folder (step_*), or a run folder or its checkpoints/ folder (the newest complete checkpoint)")
     parser.add_argument("--out", required=True, help="the .pt file to write")
     args = parser.parse_args(argv)
+    from sfd_train.data_pipeline.storage import url_output_error
     from sfd_train.engine.checkpoint import CheckpointError
     from sfd_train.engine.weights import export_published
 
+    problem = url_output_error(args.out)
+    if problem:
+        print(f"sfd-train export: --out {problem}", file=sys.stderr)
+        return 2
     try:
         out = export_published(args.checkpoint, args.out)
     except CheckpointError as err:

@@ -34,14 +34,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _label_error(labels: list[int], num_classes: int) -> str | None:
+    """Why ``--labels`` cannot be sampled by a model of ``num_classes`` classes, or None.
+
+    Label ``num_classes`` is the model's null (unconditional) class, so it would quietly give
+    unconditional samples; other labels outside 0..num_classes-1 are no class at all.
+    """
+    bad = [label for label in labels if not 0 <= label < num_classes]
+    if not bad:
+        return None
+    return (f"--labels {' '.join(map(str, bad))}: not a class of this model; use labels in 0..{num_classes - 1} "
+            f"(model.num_classes = {num_classes})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from sfd_train.data_pipeline.storage import url_output_error
     from sfd_train.diffusion.sampler import sample_with_config
     from sfd_train.engine.checkpoint import CheckpointError
     from sfd_train.engine.visualize import save_sample_grid
     from sfd_train.engine.weights import read_checkpoint_weights
     from sfd_train.models import build_model
 
+    problem = url_output_error(args.out)
+    if problem:
+        print(f"sfd-sample: --out {problem}", file=sys.stderr)
+        return 2
     try:
         model_state, ema_state, saved = read_checkpoint_weights(args.checkpoint)
         if args.config:
@@ -50,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             config = build_config(saved, parse_overrides(args.overrides))
         else:
             raise ConfigError("", f"{args.checkpoint} carries no config: pass --config")
+        problem = _label_error(args.labels or [], config.model.num_classes)
+        if problem:
+            raise ConfigError("", problem)
     except (ConfigError, CheckpointError) as err:
         print(f"sfd-sample: {err}", file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
 """Train SFD: ``sfd-train CONFIG [key=value ...]`` or ``python -m sfd_train.train ...``.
 
 Works as a single process and under torchrun on any number of ranks. Exit codes:
-0 finished, 75 stopped for a requeue (checkpoint saved), 2 bad configuration,
-3 the run folder is in use by another job.
+0 finished, 75 stopped for a requeue (checkpoint saved), 1 failed while training (the
+line before says why), 2 bad input (config, data, a checkpoint this run cannot continue),
+3 the run folder is in use by another job (see sfd_train.engine.run).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint in run.output_dir. Also: `sfd-train export CKPT --out FILE.pt`.",
         epilog="examples:\n  sfd-train tiny\n  torchrun --nproc-per-node 2 -m sfd_train.train tiny parallel.strategy=ddp\n"
         "  sfd-train configs/sfd_xl.yaml data.path=s3://bucket/latents run.output_dir=/ckpt/xl\n"
-        "exit codes: 0 done, 75 preempted and checkpointed (requeue me), 2 bad configuration,\n"
-        "  3 run.output_dir is in use by another job",
+        "exit codes: 0 done, 75 preempted and checkpointed (requeue me), 1 failed while training,\n"
+        "  2 bad input (config, data, a checkpoint this run cannot continue), 3 run.output_dir is in use\n"
+        "  by another job. SIGUSR2, SIGTERM and Ctrl-C checkpoint first; see docs/reliability.md",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", nargs="?", help="a YAML file (ours or the authors') or a preset in configs/ (e.g. tiny)")

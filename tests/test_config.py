@@ -3,9 +3,11 @@
 import dataclasses
 
 import pytest
+import yaml
 
 from sfd_train.config import Config, ConfigError, build_config, config_help, load_config, save_config
 from sfd_train.config.base import field_docs
+from sfd_train.config.loader import read_yaml
 from sfd_train.config.published import model_mapping_from_hparams
 from sfd_train.config.schema import parse_duration
 
@@ -88,6 +90,30 @@ def test_bad_yaml_names_the_file(tmp_path):
     path.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml"):
         load_config(path)
+
+
+@pytest.mark.parametrize("text,key,lines", [
+    ("train:\n  max_steps: 10\nmodel:\n  size: B\ntrain:\n  seed: 3\n", "train", " \\(line 1 and line 5\\)"),
+    ("model:\n  size: B\ntrain:\n  max_steps: 10\n  seed: 1\n  max_steps: 20\n", "max_steps", " \\(line 4 and line 6\\)"),
+    ("train: {seed: 1, seed: 2}\n", "seed", ""),
+])
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path, text, key, lines):
+    # Plain YAML keeps the second and silently drops the first (a whole section, for `train:`).
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"twice.yaml: key '{key}' is given twice{lines}"):
+        load_config(path)
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path):
+    # `<<: *base` then an explicit key is an override, not a duplicate; `mid` is expanded
+    # before `top` merges it, which must not look like a duplicate either. The values are
+    # whatever plain PyYAML makes of merges.
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &base {a: 1, b: 2}\nmid: &mid\n  <<: *base\n  a: 3\ntop:\n  <<: *mid\n  b: 4\n")
+    data = read_yaml(path)
+    assert data == yaml.safe_load(path.read_text())
+    assert data["mid"] == {"a": 3, "b": 2} and data["top"]["b"] == 4
 
 
 def test_save_and_reload_round_trip(tmp_path):

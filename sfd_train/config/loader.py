@@ -30,11 +30,56 @@ def resolve_config_path(name: str) -> Path:
     raise ConfigError("", f"config file {name!r} not found (presets: {', '.join(presets) or 'none'})")
 
 
+class _DuplicateKey(Exception):
+    """A mapping in the YAML text gives ``key`` twice, at lines ``first`` and ``second`` (1-based)."""
+
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(key, first, second)
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping.
+
+    Plain PyYAML keeps the last value, so a second ``train:`` block silently drops the first.
+    The check hooks ``flatten_mapping``, which sees each mapping once as written, before merge
+    keys (``<<: *base``) are expanded: overriding a merged key is what merges are for.
+    """
+
+    def __init__(self, stream: Any):
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # A mapping merged into another is flattened twice (there and when it is built
+        # itself), the second time already expanded: check each one once, as written.
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            self._refuse_duplicates(node)
+        super().flatten_mapping(node)
+
+    def _refuse_duplicates(self, node: yaml.MappingNode) -> None:
+        """Raises :class:`_DuplicateKey` for the first key of ``node`` given a second time."""
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            # Merge keys are expanded by PyYAML; non-scalar keys are unhashable, which it reports.
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node)  # so that `1` and `"1"` differ, `yes` and `true` do not
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise _DuplicateKey(key, lines[key], line)
+            lines[key] = line
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads a YAML file into plain data; names the file on a syntax error."""
+    """Reads a YAML file into plain data; names the file on a syntax error or a duplicated key."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as dup:
+        raise ConfigError("", f"{path}: key {dup.key!r} is given twice (line {dup.first} and line {dup.second}); "
+                          "YAML would keep only the second and silently drop the first: merge them into one") from None
     except yaml.YAMLError as err:
         raise ConfigError("", f"{path}: not valid YAML: {err}") from None
     if data is None:

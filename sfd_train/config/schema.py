@@ -332,8 +332,15 @@ class ParallelConfig:
     """Collective backend; 'auto' picks it from the installed stack (CUDA: nccl, Ascend: hccl, CPU: gloo)."""
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Expert keys merged last into the generated DeepSpeed JSON config."""
+    collective_timeout: str = "5m"
+    """How long a collective waits for the other ranks before the job fails, naming the ranks that stopped answering (e.g. 5m, 300s, 0:10:00). Raise it if ranks legitimately wait longer for each other (very slow checkpoint storage)."""
 
     def validate(self) -> None:
+        try:
+            if parse_duration(self.collective_timeout) <= 0:
+                raise ValueError(f"{self.collective_timeout!r} is not a positive duration")
+        except ValueError as err:
+            raise ConfigError("collective_timeout", str(err)) from None
         if not self.compile:
             return
         if self.compile_scope == "step" and self.strategy.startswith("zero"):
@@ -418,6 +425,11 @@ class RunConfig:
     """Weights & Biases project."""
 
     def validate(self) -> None:
+        from sfd_train.data_pipeline.storage import url_output_error  # noqa: PLC0415 - keeps importing the schema light
+
+        problem = url_output_error(self.output_dir)
+        if problem:
+            raise ConfigError("output_dir", problem)
         if self.time_limit:
             try:
                 parse_duration(self.time_limit)

@@ -46,14 +46,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(device_type: str, backend: str = "auto", timeout_minutes: float = 30.0) -> World:
+def init_distributed(device_type: str, backend: str = "auto", timeout: timedelta = timedelta(minutes=5)) -> World:
     """Starts the default process group (also for a single process: FSDP2 and DCP need one).
 
     Args:
         device_type: from :func:`sfd_train.engine.device.detect_device_type`.
         backend: ``auto`` or an explicit collective backend.
+        timeout: how long any collective (of every group made here) waits for the
+            other ranks before it fails (``parallel.collective_timeout``).
     """
-    rank = int(os.environ.get("RANK", "0"))
+    if "RANK" not in os.environ:
+        # A plain process is a world of one. DeepSpeed reads these variables itself
+        # (and asserts on LOCAL_RANK), so they are set as torchrun would set them.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    rank = int(os.environ["RANK"])
     world_size = world_size_from_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
@@ -65,11 +71,12 @@ def init_distributed(device_type: str, backend: str = "auto", timeout_minutes: f
             backend=devices.collective_backend(device_type, backend),
             rank=rank,
             world_size=world_size,
-            timeout=timedelta(minutes=timeout_minutes),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
-    checkpoint_group = dist.new_group(backend="gloo")
-    control_group = dist.new_group(backend="gloo")
+    # Groups made without a timeout would wait the default 30 minutes.
+    checkpoint_group = dist.new_group(backend="gloo", timeout=timeout)
+    control_group = dist.new_group(backend="gloo", timeout=timeout)
     return World(rank, world_size, local_rank, device, checkpoint_group, control_group)
 
 

@@ -41,3 +41,21 @@ def lr_factor(step: int, config: OptimizerConfig, max_steps: int) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimizerConfig, max_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config, max_steps))
+
+
+def apply_optimizer_config(optimizer: torch.optim.Optimizer, scheduler, config: OptimizerConfig) -> None:
+    """Makes a restored optimizer and schedule follow ``config`` from the next step on.
+
+    Loading a checkpoint restores the saved run's hyperparameters along with the
+    moments; a resumed run may change them (a lower lr after a spike, a longer
+    schedule), and what runs must be what its config says. The schedule's shape comes
+    from the config already (its factor function is never saved); this resets its
+    base and the values AdamW reads. With an unchanged config every value is what the
+    checkpoint held, so the trajectory is unchanged.
+    """
+    scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        group.update(lr=config.lr * factor, initial_lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+                     weight_decay=config.weight_decay)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -1,6 +1,7 @@
 """Preemption: a signal or a time budget stops every rank at the same step.
 
-SIGUSR2 (Slurm's warning signal) and SIGTERM only set a flag. At each step boundary
+SIGUSR2 (Slurm's warning signal), SIGTERM (scancel, Kubernetes, torchrun passing on its own
+SIGTERM) and SIGINT (Ctrl-C) only set a flag; a second SIGINT stops at once. At each step boundary
 the ranks agree on the flag with one small all-reduce (MAX) on the gloo group, so
 they all save the same step, write the requeue marker and exit with
 :data:`REQUEUE_EXIT_CODE`, which the launchers turn into a requeue.
@@ -46,7 +47,10 @@ class PreemptionWatcher:
             self._previous[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.received == "SIGINT":
+            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the checkpoint
+        self.received = name
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():

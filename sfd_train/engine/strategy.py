@@ -21,6 +21,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from sfd_train.config.schema import OptimizerConfig
+from sfd_train.engine.optim import apply_optimizer_config
+
 WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
@@ -42,11 +45,14 @@ class Strategy:
         wrapped: call it for the training forward pass.
         model: the model underneath (the same object as ``wrapped`` for FSDP2).
         kind: the ``parallel.strategy`` name.
+        optimizer, scheduler: the optimizer (AdamW, or DeepSpeed's around it) and its LR schedule.
     """
 
     wrapped: nn.Module
     model: nn.Module
     kind: str
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
 
     def accumulate(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-batch: gradients are synchronised only on the last."""
@@ -68,6 +74,10 @@ class Strategy:
 
     def lr(self) -> float:
         raise NotImplementedError
+
+    def apply_optimizer_config(self, config: OptimizerConfig) -> None:
+        """After a resume: the optimizer and schedule follow ``config``, not the checkpoint's settings."""
+        apply_optimizer_config(self.optimizer, self.scheduler, config)
 
     def full_state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Unsharded CPU state dicts ``(model, ema)`` with published names (collective)."""

@@ -15,12 +15,14 @@ import torch
 
 from sfd_train.config import Config, ConfigError, to_dict
 from sfd_train.config.loader import save_config
+from sfd_train.data_pipeline.errors import ManifestError
 from sfd_train.diffusion.objective import LossInputs, draw_global_inputs
 from sfd_train.diffusion.sampler import sample_with_config
 from sfd_train import device as devices
-from sfd_train.engine.checkpoint import CheckpointError, CheckpointManager
+from sfd_train.engine.checkpoint import CheckpointError, CheckpointManager, step_dir_name
 from sfd_train.engine.compile import begin_micro_batch, build_loss_fn
 from sfd_train.engine.distributed import World, all_reduce_mean
+from sfd_train.engine.liveness import Heartbeat
 from sfd_train.engine.metrics import MetricsLogger, Throughput, format_progress, read_metrics
 from sfd_train.engine.parallelize import parallelize_torch
 from sfd_train.engine.preemption import (
@@ -67,13 +69,37 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def check_resumable(saved: dict[str, Any], config: Config, path: Path) -> None:
-    """Refuses a checkpoint whose model differs from this run's (names the keys)."""
-    saved_model = (saved.get("config") or {}).get("model", {})
+    """Refuses a checkpoint this run cannot continue (names the keys and both values).
+
+    A resume may change anything but the model and the seed (the data order and the
+    noise depend on it): optimizer, schedule and ``train.max_steps`` changes are
+    applied from the next step on, and the data position carries over to another
+    number of ranks or batch split.
+    """
+    saved_config = saved.get("config") or {}
+    saved_model = saved_config.get("model", {})
     current = to_dict(config.model)
-    differing = sorted(k for k in current if saved_model.get(k) != current[k])
+    differing = [(f"model.{k}", saved_model.get(k), current[k]) for k in sorted(current) if saved_model.get(k) != current[k]]
+    saved_seed = (saved_config.get("train") or {}).get("seed", config.train.seed)
+    if saved_seed != config.train.seed:
+        differing.append(("train.seed", saved_seed, config.train.seed))
     if differing:
-        details = ", ".join(f"model.{k}: {saved_model.get(k)!r} in the checkpoint, {current[k]!r} now" for k in differing)
-        raise CheckpointError(f"{path}: incompatible config ({details})")
+        details = ", ".join(f"{key}: {before!r} in the checkpoint, {now!r} now" for key, before, now in differing)
+        raise CheckpointError(f"{path}: incompatible config ({details}); resume with the checkpoint's values, or start "
+                              "a new run in another run.output_dir")
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf of ``current`` that differs from ``saved``."""
+    changes = []
+    for key, value in current.items():
+        dotted = f"{prefix}{key}"
+        before = saved.get(key) if isinstance(saved, dict) else None
+        if isinstance(value, dict) and isinstance(before, dict) and value:
+            changes.extend(changed_settings(before, value, f"{dotted}."))
+        elif before != value:
+            changes.append(f"{dotted}: {before!r} -> {value!r}")
+    return changes
 
 
 class Trainer:
@@ -82,12 +108,13 @@ class Trainer:
     Args:
         config: the validated job config.
         world: this rank's place in the process group (see ``init_distributed``).
+        heartbeat: told the current step, so that a stuck job can say where each rank was.
     """
 
-    def __init__(self, config: Config, world: World):
+    def __init__(self, config: Config, world: World, heartbeat: Heartbeat | None = None):
         from sfd_train.data_pipeline.reader import build_loader
 
-        self.config, self.world = config, world
+        self.config, self.world, self.heartbeat = config, world, heartbeat
         self.device = world.device
         self.run_dir = Path(config.run.output_dir)
         self.run_lock = lock_run_folder(self.run_dir, world.is_main, world.control_group)
@@ -98,11 +125,14 @@ class Trainer:
         random.seed(train.seed + world.rank)
         np.random.seed(train.seed + world.rank)
 
-        self.loader = build_loader(
-            config.data, global_batch_size=train.global_batch_size, micro_batch_size=self.micro_batch,
-            rank=world.rank, world_size=world.world_size, seed=train.seed,
-            pin_memory=self.device.type != "cpu",
-        )
+        try:
+            self.loader = build_loader(
+                config.data, global_batch_size=train.global_batch_size, micro_batch_size=self.micro_batch,
+                rank=world.rank, world_size=world.world_size, seed=train.seed,
+                pin_memory=self.device.type != "cpu",
+            )
+        except ManifestError as err:
+            raise ConfigError("data.path", str(err)) from None
         self._check_data_matches_model()
         self.uses_repa = bool(config.model.use_repa and self.loader.feature_dim and config.objective.repa_weight > 0)
 
@@ -142,6 +172,11 @@ class Trainer:
                 f"the model expects {model.texture_channels} + {model.semantic_channels} "
                 "(set model.in_channels and model.semantic_channels)",
             )
+        classes = self.loader.manifest.num_classes
+        if classes > model.num_classes:
+            raise ConfigError("model.num_classes", f"{model.num_classes}, but the data at {self.config.data.path!r} has "
+                                                   f"{classes} classes (labels 0..{classes - 1}): set model.num_classes="
+                                                   f"{classes}")
         size = self.loader.manifest.latent_size
         if tuple(size) != (model.input_size, model.input_size):
             raise ConfigError("model.input_size", f"the data's latents are {size[0]}x{size[1]}, the model expects "
@@ -160,22 +195,60 @@ class Trainer:
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             clear_requeue_marker(self.run_dir)
+        if self.config.checkpoint.resume == "never":
+            self._refuse_an_occupied_folder()
+        else:
+            start = self.loader.state_dict()
+            restored = self.checkpoints.restore(accept=self._accept_checkpoint)
+            if restored is not None:
+                self._continue_from(*restored)
+            else:
+                self.loader.load_state_dict(start)  # a rejected checkpoint may have moved it
+        if self.world.is_main:
+            # Only now: a refused resume must leave the run's recorded config as it was.
             save_config(self.config, self.run_dir / "config.yaml")
-        if self.config.checkpoint.resume != "auto":
-            return
-        path = self.checkpoints.newest_complete()
-        if path is None:
-            return
-        saved = self.checkpoints.read_train_state(path)
+
+    def _refuse_an_occupied_folder(self) -> None:
+        steps = self.checkpoints.step_folders()
+        if steps:
+            raise ConfigError(
+                "checkpoint.resume",
+                f"'never', but {self.checkpoints.root} already holds checkpoints of another run (steps "
+                f"{', '.join(map(str, steps[-5:]))}); a new run there would be mixed with it. Give this run another "
+                "run.output_dir, move that folder away, or set checkpoint.resume=auto to continue it",
+            )
+
+    def _accept_checkpoint(self, saved: dict[str, Any], path: Path) -> None:
+        """Refuses, before any tensor is read, a checkpoint this run cannot continue."""
         check_resumable(saved, self.config, path)
-        rng = self.checkpoints.load(path, saved)
+        step, max_steps = int(saved["step"]), self.config.train.max_steps
+        if step > max_steps:
+            raise ConfigError(
+                "train.max_steps",
+                f"{max_steps} is below the step of the newest checkpoint ({step}, {path}): there is nothing to "
+                "train. Raise train.max_steps to continue, or give a new run another run.output_dir",
+            )
+        try:
+            self.loader.load_state_dict(saved["data"])
+        except ValueError as err:
+            raise CheckpointError(f"{path}: its data position does not fit this run: {err}") from None
+
+    def _continue_from(self, saved: dict[str, Any], rng: Any) -> None:
         self.step = int(saved["step"])
-        self.loader.load_state_dict(saved["data"])
         if rng is not None:
             set_rng_state(rng)
-        if self.world.is_main:
-            logger.info(f"resumed from {path} at step {self.step}"
-                        + ("" if rng is not None else f" (written by {saved.get('world_size')} ranks)"))
+        # The restored optimizer and schedule carry the old run's settings; this run's apply.
+        self.strategy.apply_optimizer_config(self.config.optimizer)
+        if not self.world.is_main:
+            return
+        path = self.checkpoints.root / step_dir_name(self.step)
+        logger.info(f"resumed from {path} at step {self.step}"
+                    + ("" if rng is not None else f" (written by {saved.get('world_size')} ranks)"))
+        changes = changed_settings(saved.get("config") or {}, to_dict(self.config))
+        if changes:
+            logger.info("settings changed since that checkpoint, applied from now on: " + "; ".join(changes))
+        if self.step == self.config.train.max_steps:
+            logger.info(f"the run is already at train.max_steps ({self.step}): nothing to train")
 
     def train_state(self) -> dict[str, Any]:
         return {
@@ -240,6 +313,8 @@ class Trainer:
             if reason is not None:
                 return self._stop_for_requeue(reason)
             totals = self.train_step(batches)
+            if self.heartbeat is not None:
+                self.heartbeat.step = self.step
             self.checkpoints.poll()
             self.throughput.add(config.train.global_batch_size)
             nonfinite |= ~torch.isfinite(totals["loss"])

@@ -14,7 +14,14 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from sfd_train.config import build_config
-from sfd_train.engine.checkpoint import TRAIN_STATE, CheckpointError, newest_complete, verify
+from sfd_train.engine.checkpoint import (
+    MARKER,
+    TRAIN_STATE,
+    CheckpointError,
+    CheckpointManager,
+    list_checkpoints,
+    newest_complete,
+)
 
 
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -27,12 +34,15 @@ def read_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], 
 
     Args:
         path: a ``.pt`` file (``{"model", "ema"}`` or a bare state dict), a checkpoint
-            folder ``step_*``, or a run folder (its newest complete checkpoint).
+            folder ``step_*``, or a run folder or its ``checkpoints`` folder (the newest
+            complete checkpoint in it).
 
     Raises:
         CheckpointError: the path holds no usable weights; the message says why.
     """
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (expected a .pt file, a run folder or a checkpoint folder step_*)")
     if path.is_file():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=False)
@@ -44,14 +54,16 @@ def read_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], 
         if isinstance(blob, dict) and all(torch.is_tensor(v) for v in blob.values()):
             return _strip(blob), None, {}
         raise CheckpointError(f"{path}: expected a dict with 'model' (and 'ema') or a state dict")
-    if (path / "checkpoints").is_dir():
-        found = newest_complete(path / "checkpoints")
+    # A run folder, or its checkpoints folder: the newest complete checkpoint in it.
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if list_checkpoints(root):
+        found = newest_complete(root)
         if found is None:
-            raise CheckpointError(f"{path}: no complete checkpoint under {path / 'checkpoints'}")
+            raise CheckpointError(f"{path}: no complete checkpoint under {root}")
         path = found
-    verify(path)
-    train_state = torch.load(path / TRAIN_STATE, weights_only=False)
-    config = train_state["config"]
+    elif not (path / MARKER).is_file() and not (path / TRAIN_STATE).is_file():
+        raise CheckpointError(f"{path}: neither a run folder, nor a checkpoint folder step_*, nor a .pt file")
+    config = CheckpointManager.read_train_state(path)["config"]
     if (path / "weights.pt").is_file():  # DeepSpeed checkpoints carry their full weights
         weights = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
         return weights["model"], weights["ema"], config
