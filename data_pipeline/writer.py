@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from sfd_train.data_pipeline.errors import WriterError
-from sfd_train.data_pipeline.format import SEMANTIC, TEXTURE, SampleLayout, from_storage
+from sfd_train.data_pipeline.format import BLOCK, LABEL, SEMANTIC, TEXTURE, SampleLayout, from_storage
 from sfd_train.data_pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo, brace_pattern, read_manifest, write_manifest
 from sfd_train.data_pipeline.order import writer_permutation
 from sfd_train.data_pipeline.stats import ChannelStats
@@ -82,53 +82,107 @@ def one_torch_thread():
         torch.set_num_threads(previous)
 
 
+class ShardWriter:
+    """One shard being written: samples appended in storage order to a temporary file;
+    :meth:`finish` renames it into place and records it in ``.sfd-write/``.
+
+    Use it as a context manager: leaving the block without :meth:`finish` (an error)
+    removes the temporary file, so no half-written shard is ever left under its name.
+
+    Args:
+        folder: the dataset folder.
+        name: the shard's file name.
+        first_index: global index of the shard's first sample.
+        layout: the dataset's sample layout.
+        compute_stats: accumulate the per-channel statistics of the non-flipped latents.
+    """
+
+    def __init__(self, folder: str, name: str, first_index: int, layout: SampleLayout, compute_stats: bool = True):
+        self.folder, self.name, self.first_index, self.layout = folder, name, first_index, layout
+        self.final = os.path.join(folder, name)
+        self.tmp = f"{self.final}.tmp-{os.getpid()}"
+        self.digest = hashlib.sha256()
+        self.count = 0
+        self.stats = ({part: ChannelStats(layout.shapes[field][0]) for part, field in (("texture", TEXTURE),
+                                                                                     ("semantic", SEMANTIC))}
+                      if compute_stats else None)
+        self._file = None
+
+    def __enter__(self) -> "ShardWriter":
+        self._file = open(self.tmp, "wb")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._file is not None:  # finish() was not reached
+            self._file.close()
+            self._file = None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.tmp)
+
+    def add(self, arrays: Mapping[str, np.ndarray], labels: np.ndarray) -> None:
+        """Appends samples: ``{field: (B, ...)}`` in the storage dtype and their labels (B,)."""
+        for j in range(len(labels)):
+            sample = self.layout.encode(self.first_index + self.count + j, {k: arrays[k][j] for k in self.layout.shapes},
+                                        int(labels[j]))
+            self.digest.update(sample)
+            self._file.write(sample)
+        self.count += len(labels)
+        if self.stats is not None:
+            for part, field in (("texture", TEXTURE), ("semantic", SEMANTIC)):
+                self.stats[part].update(from_storage(arrays[field], self.layout.storage_dtype))
+
+    def finish(self) -> dict[str, Any]:
+        """Ends the archive, renames it into place and returns (and stores) its record."""
+        trailer = bytes(self.layout.shard_bytes(0))
+        self.digest.update(trailer)
+        self._file.write(trailer)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        os.replace(self.tmp, self.final)
+        record = {
+            "name": self.name,
+            "count": self.count,
+            "first_index": self.first_index,
+            "bytes": self.layout.shard_bytes(self.count),
+            "sha256": self.digest.hexdigest(),
+            "stats": {part: s.state() for part, s in self.stats.items()} if self.stats is not None else None,
+        }
+        write_json(os.path.join(self.folder, STATE_DIR, self.name + ".json"), record)
+        return record
+
+
 def _write_shard(source: SampleSource, task: _ShardTask) -> dict[str, Any]:
-    """Writes one shard (temp name, then rename) and returns its record."""
-    with one_torch_thread():
-        return _write_shard_body(source, task)
-
-
-def _write_shard_body(source: SampleSource, task: _ShardTask) -> dict[str, Any]:
+    """Writes one shard of ``source`` (temp name, then rename) and returns its record."""
     layout = SampleLayout(source.shapes, source.storage_dtype)
-    final = os.path.join(task.folder, task.name)
-    tmp = f"{final}.tmp-{os.getpid()}"
-    digest = hashlib.sha256()
-    stats = {"texture": ChannelStats(source.shapes[TEXTURE][0]), "semantic": ChannelStats(source.shapes[SEMANTIC][0])}
-    count = len(task.source_indices)
-    with open(tmp, "wb") as f:
-        for lo in range(0, count, _READ_BLOCK):
-            indices = task.source_indices[lo : lo + _READ_BLOCK]
-            arrays, labels = source.read(indices)
-            for j in range(len(indices)):
-                sample = layout.encode(task.first_index + lo + j, {k: arrays[k][j] for k in layout.shapes}, int(labels[j]))
-                digest.update(sample)
-                f.write(sample)
-            if task.compute_stats:
-                stats["texture"].update(from_storage(arrays[TEXTURE], source.storage_dtype))
-                stats["semantic"].update(from_storage(arrays[SEMANTIC], source.storage_dtype))
-        trailer = bytes(layout.shard_bytes(0))
-        digest.update(trailer)
-        f.write(trailer)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    record = {
-        "name": task.name,
-        "count": count,
-        "first_index": task.first_index,
-        "bytes": layout.shard_bytes(count),
-        "sha256": digest.hexdigest(),
-        "stats": {part: s.state() for part, s in stats.items()} if task.compute_stats else None,
-    }
-    _write_json(os.path.join(task.folder, STATE_DIR, task.name + ".json"), record)
-    return record
+    with one_torch_thread(), ShardWriter(task.folder, task.name, task.first_index, layout, task.compute_stats) as shard:
+        for lo in range(0, len(task.source_indices), _READ_BLOCK):
+            shard.add(*source.read(task.source_indices[lo : lo + _READ_BLOCK]))
+        return shard.finish()
 
 
-def _write_json(path: str, data: Any) -> None:
+def write_json(path: str, data: Any) -> None:
+    """Writes JSON atomically (temporary file, then rename)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f)
     os.replace(tmp, path)
+
+
+def read_shard_arrays(path: str, layout: SampleLayout, count: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every sample of a local shard: ``({field: (count, ...) in the storage dtype}, labels (count,))``."""
+    data = np.fromfile(path, dtype=np.uint8, count=count * layout.stride).reshape(count, layout.stride)
+    arrays = {}
+    for name, member in layout.members.items():
+        if name == LABEL:
+            continue
+        raw = data[:, member.payload_offset : member.payload_offset + member.payload_bytes]
+        arrays[name] = np.ascontiguousarray(raw).view(layout.np_dtype).reshape(count, *layout.shapes[name])
+    label = layout.members[LABEL]
+    labels = np.array([int(bytes(row[label.payload_offset : label.payload_offset + BLOCK]).split(b"\0", 1)[0])
+                       for row in data], dtype=np.int64)
+    return arrays, labels
 
 
 def _finished(folder: str, name: str, expected_bytes: int) -> dict[str, Any] | None:
@@ -148,6 +202,98 @@ def _pool_context():
     # fork is how torch's own DataLoader starts workers on Linux, and it avoids
     # re-importing torch in every worker; elsewhere fall back to spawn.
     return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+def shard_names(num_samples: int, shard_size: int) -> list[str]:
+    """File names of the shards of a dataset of ``num_samples`` cut into ``shard_size``."""
+    if num_samples <= 0:
+        raise WriterError("the source has no samples")
+    if shard_size <= 0:
+        raise WriterError(f"shard_size must be positive, got {shard_size}")
+    return [f"{SHARD_PREFIX}{i:06d}.tar" for i in range(-(-num_samples // shard_size))]
+
+
+def prepare_job(out_dir: str, plan: Mapping[str, Any], names: list[str], layout: SampleLayout, shard_size: int,
+                num_samples: int) -> dict[str, dict[str, Any]]:
+    """Claims ``out_dir`` for the job ``plan``; returns the records of shards an earlier run finished.
+
+    Raises:
+        WriterError: ``out_dir`` holds a finished dataset or an unfinished job with other parameters.
+    """
+    plan_path = os.path.join(out_dir, STATE_DIR, "plan.json")
+    if os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
+        raise WriterError(f"{out_dir} already holds a different dataset; use another folder or delete it")
+    os.makedirs(os.path.join(out_dir, STATE_DIR), exist_ok=True)
+    if os.path.exists(plan_path):
+        with open(plan_path, encoding="utf-8") as f:
+            previous = json.load(f)
+        if previous != plan:
+            differing = sorted(k for k in set(plan) | set(previous) if plan.get(k) != previous.get(k))
+            raise WriterError(f"{out_dir} holds an unfinished job with other parameters ({', '.join(differing)} "
+                              "differ); run it with its own parameters, or use another folder")
+    elif any(os.path.exists(os.path.join(out_dir, nm)) for nm in names):
+        raise WriterError(f"{out_dir} already holds shards of another job; use another folder or delete it")
+    write_json(plan_path, dict(plan))
+    remove_leftovers(out_dir)
+    records = {}
+    for i, name in enumerate(names):
+        count = min((i + 1) * shard_size, num_samples) - i * shard_size
+        done = _finished(out_dir, name, layout.shard_bytes(count))
+        if done is not None:
+            records[name] = done
+    return records
+
+
+def remove_leftovers(out_dir: str) -> None:
+    """Deletes the temporary shards of killed runs (``*.tmp-<pid>``): they are never resumed from."""
+    for entry in os.scandir(out_dir):
+        if ".tmp-" in entry.name and entry.is_file():
+            logger.info("removing %s, left by an interrupted run", entry.path)
+            os.remove(entry.path)
+
+
+def finish_dataset(out_dir: str, names: list[str], layout: SampleLayout, *, num_classes: int, plan: Mapping[str, Any],
+                   command: str, source: str, shuffle: bool, seed: int,
+                   stats: Mapping[str, Mapping[str, Any]] | None = None, stats_source: str = "",
+                   extra_provenance: Mapping[str, Any] | None = None,
+                   keep_stats: Mapping[str, Mapping[str, Any]] | None = None) -> Manifest:
+    """Writes ``manifest.json`` from the records of all ``names`` (every shard must be finished), then
+    removes the job's records.
+
+    Args:
+        stats: per-part ``{"mean", "std"}`` to record instead of the ones computed while writing.
+        keep_stats: parts whose recorded statistics stay as given (the rest are computed).
+    """
+    records = {}
+    for name in names:
+        with open(os.path.join(out_dir, STATE_DIR, name + ".json"), encoding="utf-8") as f:
+            records[name] = json.load(f)
+    n = sum(records[name]["count"] for name in names)
+    if stats is None:
+        merged = {part: ChannelStats(layout.shapes[field][0]) for part, field in (("texture", TEXTURE), ("semantic", SEMANTIC))}
+        for name in names:
+            for part, state in (records[name]["stats"] or {}).items():
+                merged[part].merge(ChannelStats.from_state(state))
+        stats = {part: s.to_record() for part, s in merged.items()}
+        stats.update(keep_stats or {})
+        stats_source = f"computed while writing, over the {n} non-flipped samples (per channel over samples, H, W; unbiased std)"
+    provenance = {"command": command, "source": source, "tool": f"sfd-train {_tool_version()}", "parameters": dict(plan)}
+    provenance.update(extra_provenance or {})
+    manifest = Manifest(
+        num_samples=n,
+        num_classes=int(num_classes),
+        storage_dtype=layout.storage_dtype,
+        shapes=dict(layout.shapes),
+        shards=tuple(ShardInfo(**{k: records[nm][k] for k in ("name", "count", "first_index", "bytes", "sha256")}) for nm in names),
+        stats={part: {"mean": list(v["mean"]), "std": list(v["std"])} for part, v in stats.items() if part in ("texture", "semantic")},
+        stats_source=stats_source,
+        order={"shuffled": bool(shuffle), "seed": int(seed), "permutation": "sfd_train.data_pipeline.order.writer_permutation"},
+        provenance=provenance,
+        shard_pattern=brace_pattern(SHARD_PREFIX, len(names)),
+    )
+    write_manifest(manifest, out_dir)
+    shutil.rmtree(os.path.join(out_dir, STATE_DIR), ignore_errors=True)
+    return manifest
 
 
 def write_dataset(
@@ -186,12 +332,7 @@ def write_dataset(
     """
     out_dir = os.fspath(out_dir)
     n = int(source.num_samples)
-    if n <= 0:
-        raise WriterError("the source has no samples")
-    if shard_size <= 0:
-        raise WriterError(f"shard_size must be positive, got {shard_size}")
-    num_shards = -(-n // shard_size)
-    names = [f"{SHARD_PREFIX}{i:06d}.tar" for i in range(num_shards)]
+    names = shard_names(n, shard_size)
     plan = {
         "source": source.describe(),
         "num_samples": n,
@@ -201,75 +342,36 @@ def write_dataset(
         "storage_dtype": source.storage_dtype,
         "shapes": {k: list(v) for k, v in source.shapes.items()},
     }
-    plan_path = os.path.join(out_dir, STATE_DIR, "plan.json")
-    manifest_path = os.path.join(out_dir, MANIFEST_NAME)
-    if os.path.exists(manifest_path):
+    if os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
         existing = read_manifest(out_dir)
         if existing.provenance.get("parameters") == plan:
             logger.info("%s already holds this dataset; nothing to do", out_dir)
             return existing
-        raise WriterError(f"{out_dir} already holds a different dataset; use another folder or delete it")
-    os.makedirs(os.path.join(out_dir, STATE_DIR), exist_ok=True)
-    if os.path.exists(plan_path):
-        with open(plan_path, encoding="utf-8") as f:
-            previous = json.load(f)
-        if previous != plan:
-            raise WriterError(f"{out_dir} holds an unfinished job with other parameters ({previous}); use another folder or delete it")
-    elif any(os.path.exists(os.path.join(out_dir, nm)) for nm in names):
-        raise WriterError(f"{out_dir} already holds a dataset; use another folder or delete it")
-    _write_json(plan_path, plan)
-
     layout = SampleLayout(source.shapes, source.storage_dtype)
+    records = prepare_job(out_dir, plan, names, layout, shard_size, n)
     perm = writer_permutation(n, seed) if shuffle else np.arange(n, dtype=np.int64)
-    tasks, records = [], {}
+    tasks = []
     for i, name in enumerate(names):
         lo, hi = i * shard_size, min((i + 1) * shard_size, n)
-        done = _finished(out_dir, name, layout.shard_bytes(hi - lo))
-        if done is not None:
-            records[name] = done
-        else:
+        if name not in records:
             tasks.append(_ShardTask(out_dir, name, lo, perm[lo:hi], stats is None))
     if records:
-        logger.info("resuming: %d of %d shards already written", len(records), num_shards)
+        logger.info("resuming: %d of %d shards already written", len(records), len(names))
 
     bar = tqdm(total=n, initial=sum(r["count"] for r in records.values()), unit="sample", desc="writing shards",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     with bar:
         if workers <= 1 or len(tasks) <= 1:
             for task in tasks:
-                records[task.name] = _write_shard(source, task)
+                _write_shard(source, task)
                 bar.update(len(task.source_indices))
         else:
             with cf.ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
                 futures = {pool.submit(_write_shard, source, task): task for task in tasks}
                 for fut in cf.as_completed(futures):
-                    rec = fut.result()
-                    records[rec["name"]] = rec
-                    bar.update(rec["count"])
-
-    if stats is None:
-        merged = {"texture": ChannelStats(source.shapes[TEXTURE][0]), "semantic": ChannelStats(source.shapes[SEMANTIC][0])}
-        for name in names:
-            for part, state in records[name]["stats"].items():
-                merged[part].merge(ChannelStats.from_state(state))
-        stats = {part: s.to_record() for part, s in merged.items()}
-        stats_source = f"computed while writing, over the {n} non-flipped samples (per channel over samples, H, W; unbiased std)"
-
-    manifest = Manifest(
-        num_samples=n,
-        num_classes=int(source.num_classes),
-        storage_dtype=source.storage_dtype,
-        shapes=dict(source.shapes),
-        shards=tuple(ShardInfo(**{k: records[nm][k] for k in ("name", "count", "first_index", "bytes", "sha256")}) for nm in names),
-        stats={part: {"mean": list(v["mean"]), "std": list(v["std"])} for part, v in stats.items() if part in ("texture", "semantic")},
-        stats_source=stats_source,
-        order={"shuffled": bool(shuffle), "seed": int(seed), "permutation": "sfd_train.data_pipeline.order.writer_permutation"},
-        provenance={"command": command, "source": source.describe(), "tool": f"sfd-train {_tool_version()}", "parameters": plan},
-        shard_pattern=brace_pattern(SHARD_PREFIX, num_shards),
-    )
-    write_manifest(manifest, out_dir)
-    shutil.rmtree(os.path.join(out_dir, STATE_DIR), ignore_errors=True)
-    return manifest
+                    bar.update(fut.result()["count"])
+    return finish_dataset(out_dir, names, layout, num_classes=source.num_classes, plan=plan, command=command,
+                          source=source.describe(), shuffle=shuffle, seed=seed, stats=stats, stats_source=stats_source)
 
 
 def _tool_version() -> str:

@@ -27,6 +27,13 @@ def reference_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tokenizer_reference_path() -> Path:
+    """The tokenizers' reference file: $SFD_TOKENIZER_REFERENCE, by default
+    ../shared/reference/tokenizer_reference_public.pt (or the copy in tests/reference/)."""
+    return Path(os.environ.get("SFD_TOKENIZER_REFERENCE", REFERENCE_DIR / "tokenizer_reference_public.pt"))
+
+
+@pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """The folder with the state-dict layout and the authors' config files."""
     return REFERENCE_DIR
