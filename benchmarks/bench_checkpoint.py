@@ -46,7 +46,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(config.model)
     params = sum(p.numel() for p in model.parameters())
-    strategy = parallelize_torch(model, world, config, uses_repa=True)
+    strategy = parallelize_torch(model, world, config)
     root = Path(args.dir or tempfile.mkdtemp(prefix="sfd-bench-ckpt-"))
     manager = CheckpointManager(root, config.checkpoint, world, strategy)
 

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shlex
 import sys
 from typing import Any, Sequence
@@ -228,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the storage order and of --latent sample")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--workers", type=int, default=4, help="image-decoding processes per rank (default 4)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image-decoding processes per rank (default: 4, or the number of cores if fewer)")
     p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
                    help="a corrupt, empty or unreadable image stops the job before any encoding (default), or is "
                    "left out; both list every one in OUT/extract_report.json")

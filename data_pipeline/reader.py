@@ -155,10 +155,11 @@ class _BatchReader:
             self.inv_std = (1.0 / torch.cat([tex_std, sem_std])).unsqueeze(0)
 
     # -- planning -------------------------------------------------------------------------
-    def plan(self, indices: np.ndarray, epoch: int) -> _Plan:
+    def plan(self, indices: np.ndarray, epoch: int, use_flip: bool | None = None) -> _Plan:
         layout = self.layout
         stride = layout.stride
-        flips = flip_choices(self.seed, epoch, indices) if self.use_flip else np.zeros(len(indices), dtype=bool)
+        use_flip = self.use_flip if use_flip is None else use_flip
+        flips = flip_choices(self.seed, epoch, indices) if use_flip else np.zeros(len(indices), dtype=bool)
         shard_of, local = self.shards.locate(indices)
         latent_end = layout.latent_block_end
         pieces: list[_Piece] = []
@@ -562,6 +563,8 @@ class CompositeLatentLoader:
             two reads; None = 0 for local files, 4 MiB for URLs.
         direct_s3: read ``s3://`` shards with presigned ranged GETs straight into the batch
             buffer (see ``s3direct.py``); False = every read through s3fs.
+        holdout_shards: the dataset's last this many shards are never yielded (an evaluation
+            reads them with :meth:`read_samples`).
     """
 
     def __init__(self, path: str, *, global_batch_size: int, micro_batch_size: int, rank: int, world_size: int,
@@ -569,7 +572,7 @@ class CompositeLatentLoader:
                  normalize: bool = True, on_bad_sample: str = "error", pin_memory: bool = False,
                  chunk_size: int | None = None, prefetch_factor: int = 2,
                  storage_options: dict[str, Any] | None = None, retry: RetryPolicy | None = None,
-                 read_ahead: bool = True, max_gap: int | None = None, direct_s3: bool = True):
+                 read_ahead: bool = True, max_gap: int | None = None, direct_s3: bool = True, holdout_shards: int = 0):
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
         if num_workers < 0:
@@ -589,7 +592,9 @@ class CompositeLatentLoader:
         self.num_workers = int(num_workers)
         self.prefetch_factor = int(prefetch_factor)
         self.read_ahead = read_ahead
-        self.schedule = Schedule(self.manifest.num_samples, global_batch_size, micro_batch_size, rank, world_size)
+        self.num_samples = self._training_samples(holdout_shards)
+        """Samples this loader draws from: all, or those before the held-out shards."""
+        self.schedule = Schedule(self.num_samples, global_batch_size, micro_batch_size, rank, world_size)
         self._reader = _BatchReader(shards, self.storage, seed=self.seed, use_flip=use_flip,
                                     use_features=use_repa_features, normalize=normalize, on_bad_sample=on_bad_sample,
                                     max_gap=(0 if self.storage.is_local else REMOTE_MAX_GAP) if max_gap is None else max_gap)
@@ -604,6 +609,24 @@ class CompositeLatentLoader:
         self._iter: Iterator | None = None
         self._loader: DataLoader | None = None
         self._buffers: _Buffers = _Buffers()
+
+    def _training_samples(self, holdout_shards: int) -> int:
+        shards = self.manifest.shards
+        if not holdout_shards:
+            return self.manifest.num_samples
+        if holdout_shards >= len(shards):
+            raise ValueError(f"{self.path}: holding out {holdout_shards} shard(s) leaves none of its {len(shards)} to "
+                             "train on")
+        return shards[-holdout_shards].first_index
+
+    def read_samples(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        """The samples with these global indices, not flipped, in order, read in this process (the
+        loader's position is unchanged)."""
+        buffers = _Buffers()
+        raw, bad = self._reader.read(self._reader.plan(np.asarray(indices, dtype=np.int64), 0, use_flip=False), buffers)
+        for shard, key, reason in bad:
+            logger.warning("skipped bad sample in shard '%s', key '%s': %s", shard, key, reason)
+        return self._reader.finish(raw, buffers)
 
     # -- properties the trainer reads ------------------------------------------------------
     @property
@@ -685,7 +708,7 @@ class CompositeLatentLoader:
         state = {
             "version": STATE_VERSION,
             "seed": self.seed,
-            "num_samples": self.manifest.num_samples,
+            "num_samples": self.num_samples,
             "chunk_size": self.chunk_size,
             "global_batch_size": g,
             "epoch": epoch,
@@ -706,7 +729,7 @@ class CompositeLatentLoader:
         """
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}")
-        for key, mine in (("seed", self.seed), ("num_samples", self.manifest.num_samples), ("chunk_size", self.chunk_size)):
+        for key, mine in (("seed", self.seed), ("num_samples", self.num_samples), ("chunk_size", self.chunk_size)):
             if state[key] != mine:
                 raise ValueError(f"data loader state has {key}={state[key]}, this loader has {key}={mine}; the sample order would differ")
         try:

@@ -29,14 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("config", nargs="?", help="a YAML file (ours or the authors') or a preset in configs/ (e.g. tiny)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=1000")
-    parser.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    parser.add_argument("--help-config", nargs="?", const="sfd", metavar="TASK",
+                        help="list every config key with its default and meaning; TASK: sfd (default) or semvae "
+                        "(a YAML file with `task: semvae` trains the SemVAE, e.g. the preset semvae_ch16)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.help_config:
-        print(config_help())
+        try:
+            print(config_help(args.help_config))
+        except ConfigError as err:
+            print(f"sfd-train: {err}", file=sys.stderr)
+            return 2
         return 0
     if not args.config:
         build_parser().error("a config is required (try: sfd-train tiny)")

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import yaml
 
+from sfd_train.config.semvae import SemVAEJobConfig
 from sfd_train.config import Config, ConfigError, build_config, config_help, load_config, save_config
 from sfd_train.config.base import field_docs
 from sfd_train.config.loader import read_yaml
@@ -177,7 +178,8 @@ def test_presets_load(repo_root):
     assert {p.stem for p in presets} >= {"sfd_xl", "sfd_xxl", "sfd_b_autoguidance", "tiny"}
     for preset in presets:
         config = load_config(preset.stem)
-        assert isinstance(config, Config)
+        expected = SemVAEJobConfig if preset.stem.startswith("semvae") else Config
+        assert isinstance(config, expected), preset
     assert load_config("sfd_xxl").model.dims() == (24, 1536, 24)
     assert load_config("sfd_b_autoguidance").train.max_steps == 400_000
 

@@ -3,77 +3,23 @@ bad images and wrong weights, and training on the result."""
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import yaml
 from PIL import Image
 
+from extract_kit import IMAGES, all_samples, extract_command, make_kit, run, shard_digests
 from runs import committed, train, write_config
 from sfd_train.data_pipeline.format import FEATURES, SEMANTIC, SEMANTIC_FLIP, TEXTURE, from_storage
 from sfd_train.data_pipeline.manifest import read_manifest
-from sfd_train.data_pipeline.writer import read_shard_arrays
-from sfd_train.data_pipeline.format import SampleLayout
-
-IMAGES = 24
-SIZE = 64
-
 
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory, tokenizer_reference_path):
-    """An image folder (3 classes, varied sizes and formats) and the reference networks as released files."""
-    root = tmp_path_factory.mktemp("extract")
-    reference = torch.load(tokenizer_reference_path, weights_only=False)
-    rng = np.random.default_rng(0)
-    for i in range(IMAGES):
-        h, w = (int(v) for v in rng.integers(40, 140, size=2))
-        coarse = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
-        image = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
-        folder = root / "images" / f"class_{i % 3}"
-        folder.mkdir(parents=True, exist_ok=True)
-        image.save(folder / f"{i:03d}.{'png' if i % 2 else 'jpg'}")
-    files = {"vae": root / "vae.ckpt", "dino": root / "dino.pth", "semvae": root / "semvae.pt"}
-    for name, path in files.items():
-        torch.save(reference[name]["checkpoint"], path)
-    tokenizers = root / "tokenizers.yaml"
-    tokenizers.write_text(yaml.safe_dump({name: reference[name]["config"] for name in files}))
-    return {"root": root, "images": root / "images", "files": files, "tokenizers": tokenizers, "reference": reference}
-
-
-def extract_command(kit, out: Path, *extra: str, semvae: bool = True, nproc: int = 1) -> list[str]:
-    args = [str(kit["images"]), "--out", str(out), "--vae", str(kit["files"]["vae"]), "--dino",
-            str(kit["files"]["dino"]), "--tokenizers", str(kit["tokenizers"]), "--image-size", str(SIZE),
-            "--shard-size", "5", "--batch-size", "4", "--workers", "1", "--quiet", *extra]
-    if semvae:
-        args += ["--semvae", str(kit["files"]["semvae"])]
-    if nproc == 1:
-        return [sys.executable, "-m", "sfd_train.data_pipeline.cli", "extract", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m",
-            "sfd_train.data_pipeline.cli", "extract", *args]
-
-
-def run(command: list[str], expect: int = 0) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == expect, result.stderr[-4000:]
-    return result
-
-
-def shard_digests(out: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.tar"))}
-
-
-def all_samples(out: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    manifest = read_manifest(out)
-    layout = SampleLayout(manifest.shapes, manifest.storage_dtype)
-    parts = [read_shard_arrays(str(out / s.name), layout, s.count) for s in manifest.shards]
-    return {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}, np.concatenate([p[1] for p in parts])
+    return make_kit(tmp_path_factory.mktemp("extract"), tokenizer_reference_path)
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +125,28 @@ def test_the_shards_train_with_sfd_train(kit, one_rank, tmp_path):
     )
     train(config, [f"run.output_dir={tmp_path / 'run'}"])
     assert committed(tmp_path / "run") == [2]
+
+
+def test_webdataset_tars_give_the_same_shards_as_the_folder(kit, one_rank, tmp_path):
+    import io
+    import tarfile
+
+    from sfd_train.data_pipeline.images import list_images
+
+    folder = list_images(str(kit["images"]))
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for part in range(2):  # the folder's images, in its order, split over two shards
+        with tarfile.open(tars / f"train-{part}.tar", "w") as tar:
+            for index in range(part * len(folder.items) // 2, (part + 1) * len(folder.items) // 2):
+                item = folder.items[index]
+                for suffix, data in ((Path(item.path).suffix, Path(item.path).read_bytes()),
+                                     (".cls", str(item.label).encode())):
+                    info = tarfile.TarInfo(f"{index:06d}{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    command = extract_command(kit, tmp_path / "out")
+    command[command.index(str(kit["images"]))] = str(tars / "train-{0..1}.tar")
+    run(command)
+    assert shard_digests(tmp_path / "out") == shard_digests(one_rank)
+    assert read_manifest(tmp_path / "out").num_classes == 3

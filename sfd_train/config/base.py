@@ -146,6 +146,11 @@ def from_mapping(cls: type, data: Mapping[str, Any] | None, prefix: str = "") ->
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in fields:
             raise ConfigError(key, f"unknown key; known keys of '{prefix or 'the root'}' are: {', '.join(fields)}")
+        default = _section_default(fields[name])
+        if default is not None and isinstance(value, Mapping):
+            # A section given in part keeps its parent's defaults for the rest (a job type may
+            # default a shared section differently, e.g. the SemVAE's optimizer).
+            value = {**to_dict(default), **value}
         kwargs[name] = _coerce(value, hints[name], key)
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
@@ -157,6 +162,14 @@ def from_mapping(cls: type, data: Mapping[str, Any] | None, prefix: str = "") ->
                 raise ConfigError(f"{prefix}.{err.key}", str(err).split(": ", 1)[-1]) from None
             raise
     return obj
+
+
+def _section_default(f: dataclasses.Field) -> Any:
+    """The default instance of a section-typed field, or None."""
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        default = f.default_factory()  # type: ignore[misc]
+        return default if dataclasses.is_dataclass(default) else None
+    return f.default if dataclasses.is_dataclass(f.default) else None
 
 
 def to_dict(obj: Any) -> Any:
@@ -192,8 +205,13 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """Lists ``(dotted key, type, default, docstring)`` for every leaf field of ``cls``."""
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, Any, str]]:
+    """Lists ``(dotted key, type, default, docstring)`` for every leaf field of ``cls``.
+
+    Args:
+        defaults: an instance whose values are the defaults (a section a parent defaults
+            differently); None = the class's own defaults.
+    """
     rows = []
     docs = field_docs(cls)
     hints = _hints(cls)
@@ -201,9 +219,12 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
         key = f"{prefix}.{f.name}" if prefix else f.name
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, key))
+            section = getattr(defaults, f.name) if defaults is not None else _section_default(f)
+            rows.extend(describe(tp, key, section))
             continue
-        if f.default is not dataclasses.MISSING:
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]

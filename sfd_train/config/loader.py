@@ -112,11 +112,19 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_config(*layers: Mapping[str, Any]) -> Config:
-    """Merges nested mappings left to right and validates the result as a :class:`Config`."""
+    """Merges nested mappings left to right and validates the result: a :class:`Config` (an SFD job),
+    or a :class:`~sfd_train.config.semvae.SemVAEJobConfig` when they say ``task: semvae``."""
     merged: dict[str, Any] = {}
     for layer in layers:
         merged = _merge(merged, layer)
-    return from_mapping(Config, merged)
+    task = merged.get("task", "sfd")
+    if task == "semvae":
+        from sfd_train.config.semvae import SemVAEJobConfig
+
+        return from_mapping(SemVAEJobConfig, merged)
+    if task != "sfd":
+        raise ConfigError("task", f"{task!r} is not a task; choose 'sfd' (the default) or 'semvae'")
+    return from_mapping(Config, {k: v for k, v in merged.items() if k != "task"})
 
 
 def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), notes: list[str] | None = None) -> Config:
@@ -151,11 +159,18 @@ def save_config(config: Config, path: str | os.PathLike) -> None:
         yaml.safe_dump(to_dict(config), f, sort_keys=False)
 
 
-def config_help() -> str:
-    """Every config key with its type, default and docstring, for ``--help-config``."""
+def config_help(task: str = "sfd") -> str:
+    """Every config key of a task's jobs (``sfd`` or ``semvae``) with its type, default and docstring,
+    for ``--help-config``."""
+    if task == "semvae":
+        from sfd_train.config.semvae import SemVAEJobConfig as root
+    elif task == "sfd":
+        root = Config
+    else:
+        raise ConfigError("task", f"{task!r} is not a task; choose 'sfd' or 'semvae'")
     lines = []
     section = None
-    for key, type_name, default, doc in describe(Config):
+    for key, type_name, default, doc in describe(root):
         head = key.split(".", 1)[0]
         if head != section:
             section = head

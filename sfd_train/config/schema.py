@@ -217,9 +217,13 @@ class OptimizerConfig:
     fused: Literal["auto", "on", "off"] = "auto"
     """Fused AdamW kernel: 'auto' uses it where the device supports it."""
     warmup_steps: int = 0
-    """Linear learning-rate warm-up from 0 over this many optimizer steps."""
+    """Linear learning-rate warm-up over this many optimizer steps."""
+    warmup_start: float = 0.0
+    """Where the warm-up starts, as a fraction of lr (0: from 0; the SemVAE recipe: 0.01)."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     """Learning-rate schedule after warm-up, down to min_lr_ratio * lr at train.max_steps."""
+    decay_start: int = 0
+    """Step at which the cosine/linear decay begins (0 = right after the warm-up); constant lr until then."""
     min_lr_ratio: float = 0.0
     """Final learning rate of the cosine/linear schedule, as a fraction of lr."""
 
@@ -233,6 +237,10 @@ class OptimizerConfig:
             raise ConfigError("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError("min_lr_ratio", f"{self.min_lr_ratio} is outside [0, 1]")
+        if not 0.0 <= self.warmup_start <= 1.0:
+            raise ConfigError("warmup_start", f"{self.warmup_start} is outside [0, 1]")
+        if self.decay_start < 0:
+            raise ConfigError("decay_start", f"must be >= 0, got {self.decay_start}")
 
 
 @dataclass

@@ -13,6 +13,8 @@ from typing import Any
 logger = logging.getLogger("sfd_train")
 
 METRICS_FILE = "metrics.jsonl"
+LOSS_TERMS = ("mse", "cos", "repa", "l1", "kl")
+"""Loss terms shown in progress lines when a task reports them (SFD: mse, cos, repa; SemVAE: mse, l1, cos, kl)."""
 
 
 class Throughput:
@@ -39,7 +41,7 @@ class Throughput:
 def format_progress(step: int, max_steps: int, values: dict[str, float]) -> str:
     """``step 100/600 | loss 0.812 (mse 0.61 cos 0.19 repa 0.01) | 1234 img/s | MFU 41.2% | ...``."""
     parts = [f"step {step}/{max_steps}"]
-    terms = " ".join(f"{k} {values[k]:.4f}" for k in ("mse", "cos", "repa") if k in values)
+    terms = " ".join(f"{k} {values[k]:.4g}" for k in LOSS_TERMS if k in values)
     parts.append(f"loss {values['loss']:.4f}" + (f" ({terms})" if terms else ""))
     parts.append(f"{values['images_per_s']:.1f} img/s")
     mfu = values.get("mfu")
@@ -112,7 +114,7 @@ def _stable_run_id(run_dir: Path) -> str:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl``; for a resumed run the last record of each step wins."""
+    """The records of ``metrics.jsonl``, one per step (merged; for a resumed run the later values win)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
@@ -120,5 +122,6 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     for line in path.read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            by_step[record["step"]] = record
+            # Several records per step (training, evaluation) merge; a resumed run's later one wins.
+            by_step.setdefault(record["step"], {}).update(record)
     return [by_step[s] for s in sorted(by_step)]

@@ -28,11 +28,12 @@ def build_adamw(params: Iterable[torch.nn.Parameter], config: OptimizerConfig, d
 def lr_factor(step: int, config: OptimizerConfig, max_steps: int) -> float:
     """Multiplier of the peak learning rate for optimizer step ``step`` (0-based)."""
     if config.warmup_steps and step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    if config.schedule == "constant":
+        return config.warmup_start + (1.0 - config.warmup_start) * (step + 1) / config.warmup_steps
+    begin = max(config.warmup_steps, config.decay_start)
+    if config.schedule == "constant" or step < begin:
         return 1.0
-    span = max(1, max_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
+    span = max(1, max_steps - begin)
+    progress = min(1.0, (step - begin) / span)
     floor = config.min_lr_ratio
     if config.schedule == "cosine":
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

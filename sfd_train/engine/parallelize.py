@@ -62,13 +62,13 @@ def make_ema(model: nn.Module, ema_state: dict[str, torch.Tensor] | None) -> nn.
     return ema.eval()
 
 
-def parallelize_torch(model: nn.Module, world: World, config: Config, uses_repa: bool,
+def parallelize_torch(model: nn.Module, world: World, config: Config, find_unused_parameters: bool = False,
                       ema_state: dict[str, torch.Tensor] | None = None) -> TorchStrategy:
     """DDP or FSDP2 around ``model`` (built identically on every rank), with AdamW and the EMA.
 
     Args:
-        model: the full model on the CPU or the device.
-        uses_repa: whether the loss uses the REPA projection (DDP must know about unused parameters).
+        model: the full model on the CPU or the device; ``model.blocks`` are the sharding units.
+        find_unused_parameters: some parameters get no gradient (DDP must look for them).
         ema_state: initial EMA weights (fine-tuning); a copy of the model's otherwise.
     """
     ema = make_ema(model, ema_state)
@@ -82,11 +82,10 @@ def parallelize_torch(model: nn.Module, world: World, config: Config, uses_repa:
     elif config.parallel.strategy == "ddp":
         model.to(world.device)
         ema.to(world.device)
-        has_projector = getattr(model, "repa_depth", None) is not None
         wrapped = DistributedDataParallel(
             model,
             device_ids=[world.device.index] if world.device.type == "cuda" else None,
-            find_unused_parameters=has_projector and not uses_repa,
+            find_unused_parameters=find_unused_parameters,
         )
     else:
         raise ValueError(f"parallelize_torch does not handle parallel.strategy={config.parallel.strategy!r}")

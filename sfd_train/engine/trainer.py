@@ -16,11 +16,9 @@ import torch
 from sfd_train.config import Config, ConfigError, to_dict
 from sfd_train.config.loader import save_config
 from sfd_train.data_pipeline.errors import ManifestError
-from sfd_train.diffusion.objective import LossInputs, draw_global_inputs
-from sfd_train.diffusion.sampler import sample_with_config
 from sfd_train import device as devices
 from sfd_train.engine.checkpoint import CheckpointError, CheckpointManager, step_dir_name
-from sfd_train.engine.compile import begin_micro_batch, build_loss_fn
+from sfd_train.engine.compile import begin_micro_batch
 from sfd_train.engine.distributed import World, all_reduce_mean
 from sfd_train.engine.liveness import Heartbeat
 from sfd_train.engine.metrics import MetricsLogger, Throughput, format_progress, read_metrics
@@ -32,11 +30,9 @@ from sfd_train.engine.preemption import (
     write_requeue_marker,
 )
 from sfd_train.engine.run_lock import lock_run_folder
-from sfd_train.engine.visualize import save_loss_plot, save_sample_grid
+from sfd_train.engine.task import task_class
+from sfd_train.engine.visualize import save_loss_plot
 from sfd_train.engine.weights import load_initial_weights
-from sfd_train.kernels import build_kernel_ops
-from sfd_train.models import build_model
-from sfd_train.models.flops import training_flops_per_image
 
 logger = logging.getLogger("sfd_train")
 
@@ -125,23 +121,24 @@ class Trainer:
         random.seed(train.seed + world.rank)
         np.random.seed(train.seed + world.rank)
 
+        task_type = task_class(config)
         try:
             self.loader = build_loader(
                 config.data, global_batch_size=train.global_batch_size, micro_batch_size=self.micro_batch,
                 rank=world.rank, world_size=world.world_size, seed=train.seed,
-                pin_memory=self.device.type != "cpu",
+                pin_memory=self.device.type != "cpu", **task_type.loader_options(config),
             )
         except ManifestError as err:
             raise ConfigError("data.path", str(err)) from None
-        self._check_data_matches_model()
-        self.uses_repa = bool(config.model.use_repa and self.loader.feature_dim and config.objective.repa_weight > 0)
+        self.task = task_type(config, self.loader)
+        self.task.check_data()
 
-        ops = build_kernel_ops(config.kernels, self.device.type)
         torch.manual_seed(train.seed)  # the same initial weights on every rank and world size
-        model = build_model(config.model, ops)
+        model = self.task.build_model(self.device)
         ema_state = load_initial_weights(model, config.checkpoint.init_from) if config.checkpoint.init_from else None
         if config.parallel.strategy in ("ddp", "fsdp2"):
-            self.strategy = parallelize_torch(model, world, config, self.uses_repa, ema_state=ema_state)
+            self.strategy = parallelize_torch(model, world, config, self.task.find_unused_parameters,
+                                              ema_state=ema_state)
         else:
             from sfd_train.engine.zero import ZeroStrategy
 
@@ -150,42 +147,14 @@ class Trainer:
         self.step = 0
         self._resume()
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=train.mixed_precision == "bf16")
-        self.loss_fn = build_loss_fn(config)
         self.watcher = PreemptionWatcher(self._time_limit_s(), group=world.control_group)
         self.metrics = MetricsLogger(
             self.run_dir, world.is_main, config.run.wandb_mode, config.run.wandb_project, config.run.name,
             to_dict(config),
         )
-        self.throughput = Throughput(
-            training_flops_per_image(config.model, with_repa=self.uses_repa),
-            devices.peak_flops(self.device), world.world_size,
-        )
+        self.throughput = Throughput(self.task.flops_per_image(), devices.peak_flops(self.device), world.world_size)
 
     # ------------------------------------------------------------------ set-up
-    def _check_data_matches_model(self) -> None:
-        model = self.config.model
-        texture, semantic = self.loader.channels
-        if (texture + semantic, semantic) != (model.in_channels, model.semantic_channels):
-            raise ConfigError(
-                "model.in_channels",
-                f"the data at {self.config.data.path!r} has {texture} texture + {semantic} semantic channels, "
-                f"the model expects {model.texture_channels} + {model.semantic_channels} "
-                "(set model.in_channels and model.semantic_channels)",
-            )
-        classes = self.loader.manifest.num_classes
-        if classes > model.num_classes:
-            raise ConfigError("model.num_classes", f"{model.num_classes}, but the data at {self.config.data.path!r} has "
-                                                   f"{classes} classes (labels 0..{classes - 1}): set model.num_classes="
-                                                   f"{classes}")
-        size = self.loader.manifest.latent_size
-        if tuple(size) != (model.input_size, model.input_size):
-            raise ConfigError("model.input_size", f"the data's latents are {size[0]}x{size[1]}, the model expects "
-                                                  f"{model.input_size}x{model.input_size}")
-        features = self.loader.feature_dim
-        if model.use_repa and features and features != model.repa_feature_dim:
-            raise ConfigError("model.repa_feature_dim", f"the data's REPA features have {features} channels, "
-                                                        f"the model projects to {model.repa_feature_dim}")
-
     def _time_limit_s(self) -> float:
         from sfd_train.config.schema import parse_duration
 
@@ -261,31 +230,20 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ the loop
-    def _micro_batch_inputs(self, batch: dict[str, torch.Tensor], draws, micro: int) -> LossInputs:
-        noise, tau, drop = draws
-        start = self.world.rank * self.micro_batch * self.accumulation + micro * self.micro_batch
-        end = start + batch["y"].shape[0]
-        labels = torch.where(drop[start:end], torch.full_like(batch["y"], self.config.model.num_classes), batch["y"])
-        return LossInputs(noise=noise[start:end], tau=tau[start:end], labels=labels)
-
     def train_step(self, batches) -> dict[str, torch.Tensor]:
         """One optimizer step over ``accumulation`` micro-batches; returns detached means."""
         config = self.config
-        sample_shape = (config.model.in_channels, config.model.input_size, config.model.input_size)
-        draws = draw_global_inputs(
-            config.train.global_batch_size, sample_shape, config.model, config.objective,
-            _step_generator(config.train.seed, self.step, self.device), self.device,
-        )
+        draws = self.task.step_draws(_step_generator(config.train.seed, self.step, self.device), self.device)
         totals: dict[str, torch.Tensor] = {}
         for micro in range(self.accumulation):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
-            x = batch["x"]
-            features = batch.get("dino") if self.uses_repa else None
+            start = self.world.rank * self.micro_batch * self.accumulation + micro * self.micro_batch
+            rows = slice(start, start + batch["y"].shape[0])
             last = micro == self.accumulation - 1
             with self.strategy.accumulate(last):
                 begin_micro_batch(config.parallel)
                 with self.autocast:
-                    out = self.loss_fn(self.strategy.wrapped, x, self._micro_batch_inputs(batch, draws, micro), features)
+                    out = self.task.micro_batch_loss(self.strategy.wrapped, batch, draws, rows)
                 self.strategy.backward(out["loss"], self.accumulation, last)
             for name, value in out.items():
                 totals[name] = totals.get(name, 0) + value.detach().float() / self.accumulation
@@ -303,7 +261,7 @@ class Trainer:
         running_loss: float | None = None
         if self.world.is_main:
             logger.info(
-                f"training {config.model.name} ({sum(p.numel() for p in self.strategy.model.parameters()) / 1e6:.1f}M "
+                f"training {_model_name(config)} ({sum(p.numel() for p in self.strategy.model.parameters()) / 1e6:.1f}M "
                 f"params on this rank) with {config.parallel.strategy} on {self.world.world_size} x "
                 f"{devices.device_name(self.device)}: global batch {config.train.global_batch_size} = "
                 f"{self.micro_batch} x {self.world.world_size} ranks x {self.accumulation} accumulation"
@@ -324,8 +282,7 @@ class Trainer:
                 self._check_finite(nonfinite)
             if at_log:
                 running_loss = self._log(totals, running_loss)
-            if config.train.sample_every and self.step % config.train.sample_every == 0:
-                self.save_samples()
+            self.task.after_step(self)
             if at_save and self.step < config.train.max_steps:
                 self.checkpoints.save(self.step, self.train_state(), wait=not config.checkpoint.async_save)
         self.checkpoints.save(self.step, self.train_state(), wait=True)
@@ -370,41 +327,8 @@ class Trainer:
         self.close()
         return REQUEUE_EXIT_CODE
 
-    # ------------------------------------------------------------------ outputs
-    def texture_decoder(self):
-        """The synthetic dataset's decoder (pictures of the texture part), else None."""
-        from sfd_train.data_pipeline import synthetic
-
-        manifest = self.loader.manifest
-        if not str(manifest.provenance.get("source", "")).startswith("synthetic"):
-            return None
-        return lambda texture: synthetic.decode_texture(texture, manifest)
-
-    @torch.no_grad()
-    def save_samples(self) -> Path | None:
-        """A grid of EMA samples (two per class, guidance from ``sampler``); every rank takes part."""
-        config = self.config
-        classes = min(config.model.num_classes, 16)
-        labels = torch.arange(classes, device=self.device).repeat(2)
-        generator = torch.Generator(device=self.device).manual_seed(config.sampler.seed)
-        shape = (len(labels), config.model.in_channels, config.model.input_size, config.model.input_size)
-        noise = torch.randn(shape, generator=generator, device=self.device)
-        ema = self.strategy.ema_for_sampling()
-        with self.autocast:
-            latents = sample_with_config(ema, noise, labels, config.model, config.sampler,
-                                         num_steps=config.train.sample_steps)
-        if not self.world.is_main:
-            return None
-        path = self.run_dir / "samples" / f"step_{self.step:09d}.png"
-        save_sample_grid(latents.float(), config.model.texture_channels, path, columns=classes,
-                         decoder=self.texture_decoder())
-        self.metrics.log_image(self.step, path)
-        logger.info(f"samples: {path}")
-        return path
-
     def _finish(self) -> None:
-        if self.config.train.sample_every and self.step % self.config.train.sample_every:
-            self.save_samples()  # the final weights' grid, unless the loop just made it
+        self.task.finish(self)
         if self.world.is_main:
             plot = save_loss_plot(read_metrics(self.run_dir), self.run_dir / "loss.png")
             if plot:
@@ -418,3 +342,7 @@ class Trainer:
         self.watcher.restore()
         if self.run_lock is not None:
             self.run_lock.release()
+
+
+def _model_name(config) -> str:
+    return getattr(config.model, "name", type(config.model).__name__)

@@ -29,6 +29,24 @@ def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module.").replace("_orig_mod.", ""): v for k, v in state.items()}
 
 
+def checkpoint_folder(path: Path) -> Path:
+    """The checkpoint folder ``step_*`` that ``path`` names: itself, or the newest complete one of
+    a run folder or its ``checkpoints`` folder.
+
+    Raises:
+        CheckpointError: none there (says why).
+    """
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if list_checkpoints(root):
+        found = newest_complete(root)
+        if found is None:
+            raise CheckpointError(f"{path}: no complete checkpoint under {root}")
+        return found
+    if not (path / MARKER).is_file() and not (path / TRAIN_STATE).is_file():
+        raise CheckpointError(f"{path}: neither a run folder, nor a checkpoint folder step_*, nor a .pt file")
+    return path
+
+
 def read_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict]:
     """``(model, ema or None, config)`` from a published ``.pt`` or one of our checkpoints.
 
@@ -54,25 +72,27 @@ def read_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], 
         if isinstance(blob, dict) and all(torch.is_tensor(v) for v in blob.values()):
             return _strip(blob), None, {}
         raise CheckpointError(f"{path}: expected a dict with 'model' (and 'ema') or a state dict")
-    # A run folder, or its checkpoints folder: the newest complete checkpoint in it.
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    if list_checkpoints(root):
-        found = newest_complete(root)
-        if found is None:
-            raise CheckpointError(f"{path}: no complete checkpoint under {root}")
-        path = found
-    elif not (path / MARKER).is_file() and not (path / TRAIN_STATE).is_file():
-        raise CheckpointError(f"{path}: neither a run folder, nor a checkpoint folder step_*, nor a .pt file")
+    path = checkpoint_folder(path)
     config = CheckpointManager.read_train_state(path)["config"]
     if (path / "weights.pt").is_file():  # DeepSpeed checkpoints carry their full weights
         weights = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
         return weights["model"], weights["ema"], config
-    from sfd_train.models import build_model
-
-    model = build_model(build_config({"model": config["model"]}).model)
+    model = model_of_saved_config(config)
     template = {"model": model.state_dict(), "ema": {k: v.clone() for k, v in model.state_dict().items()}}
     dcp.load(template, checkpoint_id=str(path), no_dist=True)
     return template["model"], template["ema"], config
+
+
+def model_of_saved_config(config: dict) -> nn.Module:
+    """A freshly built model of the kind and size a checkpoint's saved config describes."""
+    job = build_config({"task": config.get("task", "sfd"), "model": config["model"]})
+    if config.get("task") == "semvae":
+        from sfd_train.tokenizers.semvae import SemVAE
+
+        return SemVAE(job.model)
+    from sfd_train.models import build_model
+
+    return build_model(job.model)
 
 
 def load_initial_weights(model: nn.Module, path: str) -> dict[str, torch.Tensor] | None:
@@ -99,9 +119,18 @@ def load_initial_weights(model: nn.Module, path: str) -> dict[str, torch.Tensor]
 
 
 def export_published(checkpoint: str | Path, out: str | Path) -> Path:
-    """Writes ``{"model", "ema", "config"}`` in the published form from one of our checkpoints."""
+    """Writes one of our checkpoints in its published form: ``{"model", "ema", "config"}`` for an SFD
+    model, the authors' SemVAE checkpoint format for a SemVAE (its EMA weights, which equal the
+    model's with the recipe's ``train.ema_decay: 0``)."""
     model_state, ema_state, config = read_checkpoint_weights(checkpoint)
     out = Path(out)
+    if config.get("task") == "semvae":
+        from sfd_train.tokenizers.semvae import export_semvae
+
+        model = model_of_saved_config(config)
+        model.load_state_dict(ema_state if ema_state is not None else model_state, strict=True)
+        step = CheckpointManager.read_train_state(checkpoint_folder(Path(checkpoint)))["step"]
+        return Path(export_semvae(model, out, iteration=int(step)))
     out.parent.mkdir(parents=True, exist_ok=True)
     blob: dict[str, Any] = {"model": model_state, "ema": ema_state if ema_state is not None else model_state,
                             "config": config}

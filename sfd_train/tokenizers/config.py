@@ -134,6 +134,10 @@ class SemVAEConfig:
     transformer_blocks: int = 4
     """Transformer blocks per side (encoder and decoder)."""
 
+    @property
+    def name(self) -> str:
+        return f"semvae-{self.arch}-ch{self.bottleneck_dim}-w{self.hidden_dim}x{self.transformer_blocks}"
+
     def validate(self) -> None:
         if self.arch != "transformer":
             raise ConfigError("arch", f"only 'transformer' is supported, got {self.arch!r}")
