@@ -74,6 +74,7 @@ setup(
             "sfd-sample=sfd_train.cli:sample_main",
             "sfd-data=sfd_train.data_pipeline.cli:main",
             "sfd-launch=sfd_train.launchers.cli:main",
+            "sfd-eval=sfd_train.evaluation.cli:main",
         ]
     },
 )

@@ -249,7 +249,17 @@ def default_synthetic_dir() -> str:
     return os.path.join(cache, "sfd_train", f"synthetic-v{VERSION}")
 
 
-def ensure_synthetic_dataset(dir: str | os.PathLike | None = None) -> str:  # noqa: A002 - the trainer's name
+VALIDATION = "validation"
+"""Sub-folder of the synthetic dataset holding its validation set (other pictures: another seed)."""
+
+
+def ensure_synthetic_validation_set(dir: str | os.PathLike | None = None) -> str:  # noqa: A002
+    """The synthetic set's validation set (512 samples of seed 1) inside its folder, written once."""
+    return ensure_synthetic_dataset(os.path.join(ensure_synthetic_dataset(dir), VALIDATION), num_samples=512, seed=1)
+
+
+def ensure_synthetic_dataset(dir: str | os.PathLike | None = None, num_samples: int = DEFAULT_NUM_SAMPLES,  # noqa: A002
+                             seed: int = 0) -> str:
     """Writes the default synthetic dataset into ``dir`` once and returns its path.
 
     Idempotent and safe when several ranks call it at once: a file lock makes
@@ -267,7 +277,7 @@ def ensure_synthetic_dataset(dir: str | os.PathLike | None = None) -> str:  # no
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not is_complete(path):
-                write_synthetic_dataset(path, command="ensure_synthetic_dataset")
+                write_synthetic_dataset(path, num_samples, seed=seed, command="ensure_synthetic_dataset")
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return path

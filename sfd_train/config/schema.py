@@ -446,6 +446,37 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation during training: EMA samples scored like ADM's evaluator, and a validation loss."""
+
+    every: int = 0
+    """Evaluate every this many steps, and at the end (0 = never)."""
+    num_samples: int = 1000
+    """EMA samples per evaluation (labels balanced over classes; the same noise every time)."""
+    sampling_steps: int = 50
+    """Steps of sampler.method for these samples (guidance and the rest as in the sampler section)."""
+    batch_size: int = 64
+    """Samples per sampling batch on each rank."""
+    seed: int = 0
+    """Seed of the samples' noise."""
+    reference: str = ""
+    """ADM reference batch (.npz with arr_0, or mu/sigma) for Inception FID; '' = the synthetic set's own metric when training on it, else no sample metrics."""
+    inception: str = ""
+    """Inception weights file (torch-fidelity's pt_inception-2015-12-05); '' = $SFD_INCEPTION_WEIGHTS."""
+    vae: str = ""
+    """Texture VAE weights that decode the samples (real models; the synthetic set has its own decoder)."""
+    val_data: str = ""
+    """Held-out latents for the validation loss: a dataset folder or URL; '' = the synthetic validation set when training on the synthetic set, else none."""
+    val_samples: int = 256
+    """Held-out samples in the validation loss (each at 5 fixed times with fixed noise)."""
+
+    def validate(self) -> None:
+        for key in ("every", "num_samples", "sampling_steps", "batch_size", "val_samples"):
+            if getattr(self, key) < (0 if key == "every" else 1):
+                raise ConfigError(key, f"must be >= {0 if key == 'every' else 1}, got {getattr(self, key)}")
+
+
+@dataclass
 class Config:
     """An SFD job."""
 
@@ -455,6 +486,8 @@ class Config:
     """The training objective."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     """Sampling (periodic grids, sfd-sample)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation during training."""
     data: DataConfig = field(default_factory=DataConfig)
     """The composite-latent shards."""
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -41,6 +41,7 @@ class SFDTask(TrainingTask):
         # DDP must tolerate the projector's missing gradient when the REPA loss is off.
         self.find_unused_parameters = model.use_repa and not self.uses_repa
         self.loss_fn = build_loss_fn(config)
+        self._evaluator = None
 
     def check_data(self) -> None:
         model, loader, path = self.config.model, self.loader, self.config.data.path
@@ -87,11 +88,33 @@ class SFDTask(TrainingTask):
         every = self.config.train.sample_every
         if every and trainer.step % every == 0:
             self.save_samples(trainer)
+        every = self.config.eval.every
+        if every and trainer.step % every == 0:
+            self.evaluate(trainer)
 
     def finish(self, trainer: "Trainer") -> None:
+        # The final weights' grid and evaluation, unless the loop just made them.
         every = self.config.train.sample_every
         if every and trainer.step % every:
-            self.save_samples(trainer)  # the final weights' grid, unless the loop just made it
+            self.save_samples(trainer)
+        every = self.config.eval.every
+        if every and trainer.step % every:
+            self.evaluate(trainer)
+        if every and trainer.world.is_main:
+            from sfd_train.engine.metrics import read_metrics
+            from sfd_train.evaluation.during_training import summary
+
+            lines = summary(read_metrics(trainer.run_dir))
+            if lines:
+                logger.info("evaluations of this run (plot: %s):\n%s", trainer.run_dir / "eval.png", "\n".join(lines))
+
+    def evaluate(self, trainer: "Trainer") -> dict:
+        """Scores of EMA samples and the validation loss (see :mod:`sfd_train.evaluation.during_training`)."""
+        if self._evaluator is None:
+            from sfd_train.evaluation.during_training import TrainingEvaluator
+
+            self._evaluator = TrainingEvaluator(self.config, self.loader, trainer.device)
+        return self._evaluator.run(trainer, self.uses_repa)
 
     # ------------------------------------------------------------------ sample grids
     def texture_decoder(self):

@@ -79,3 +79,31 @@ def save_loss_plot(records: list[dict], path: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+EVAL_PANELS = (("fid_synthetic", "FID (synthetic features)"), ("fid", "FID"), ("class_accuracy", "class accuracy"),
+               ("val_loss", "validation loss"))
+
+
+def save_eval_plot(records: list[dict], path: Path) -> Path | None:
+    """One panel per evaluation metric present (FID, class accuracy, validation loss) against step."""
+    panels = [(key, title) for key, title in EVAL_PANELS if any(r.get(key) is not None for r in records)]
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), dpi=120, squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="o")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
