@@ -51,6 +51,7 @@ def test_yaml_then_overrides(tmp_path):
         ("train.max_steps=ten", "train.max_steps", "expected an integer"),
         ("train.max_steps=0", "train.max_steps", "must be >= 1"),
         ("objective.time_sampling=beta", "objective.time_sampling", "'logit_normal', 'uniform'"),
+        ("objective.repa_mode=l2", "objective.repa_mode", "'cos', 'mse', 'cos_mse'"),
         ("run.time_limit=soon", "run.time_limit", "not a duration"),
         ("bogus.key=1", "bogus", "unknown key"),
     ],
@@ -148,6 +149,25 @@ def test_authors_yaml_translates(name, size, max_steps):
     assert any("sfd-data convert" in note for note in notes)
 
 
+def test_authors_80_epoch_yaml_translates_to_the_preset(tmp_path):
+    """Their train_80ep_lr2e-4.yaml: the XL file with lr 2e-4, beta2 0.95, 400K steps and
+    ``repa_weight`` / ``repa_mode`` in the model section, where their trainer reads them."""
+    theirs = yaml.safe_load((PUBLISHED / "lightningdit_xl__train.yaml").read_text())
+    theirs["optimizer"].update(lr=2e-4, beta2=0.95)
+    theirs["train"]["max_steps"] = 400_000
+    theirs["model"].update(repa_weight=0.5, repa_mode="cos_mse")
+    path = tmp_path / "train_80ep_lr2e-4.yaml"
+    path.write_text(yaml.safe_dump(theirs))
+    translated, preset = load_config(path), load_config("sfd_xl_80ep")
+    assert translated.objective.repa_mode == "cos_mse" and translated.objective.repa_weight == 0.5
+    for section in ("model", "objective", "optimizer"):
+        assert getattr(translated, section) == getattr(preset, section), section
+    assert translated.train.max_steps == preset.train.max_steps == 400_000
+    # Without the two keys their trainer uses cos at weight 1, and so do we.
+    plain = load_config(PUBLISHED / "lightningdit_xl__train.yaml").objective
+    assert (plain.repa_mode, plain.repa_weight) == ("cos", 1.0)
+
+
 def test_authors_yaml_with_unsupported_values(tmp_path):
     path = tmp_path / "theirs.yaml"
     path.write_text("model:\n  model_type: LightningDiT-XL/1\ntransport:\n  path_type: GVP\n")
@@ -175,7 +195,7 @@ def test_constructor_hparams_translate():
 
 def test_presets_load(repo_root):
     presets = sorted((repo_root / "configs").glob("*.yaml"))
-    assert {p.stem for p in presets} >= {"sfd_xl", "sfd_xxl", "sfd_b_autoguidance", "tiny"}
+    assert {p.stem for p in presets} >= {"sfd_xl", "sfd_xl_80ep", "sfd_xxl", "sfd_b_autoguidance", "tiny"}
     for preset in presets:
         config = load_config(preset.stem)
         expected = SemVAEJobConfig if preset.stem.startswith("semvae") else Config

@@ -59,6 +59,52 @@ def test_mse_divides_by_all_elements_and_weighs_semantics():
     assert "repa" not in terms
 
 
+@pytest.mark.parametrize("mode", ["cos", "mse", "cos_mse"])
+def test_repa_modes_follow_their_formulas(mode):
+    config = tiny()
+    model = randomised(config).train()
+    x = torch.randn(3, 12, 4, 4)
+    features = torch.randn(3, 16, 4, 4) * 3.0  # not unit scale: mse must not normalise
+    inputs = LossInputs(noise=torch.randn_like(x), tau=torch.rand(3), labels=torch.tensor([0, 1, 2]))
+    with torch.no_grad():
+        terms = loss_terms(model, x, inputs, features, semantic_channels=4, delta_t=0.3, semantic_weight=2.0,
+                           repa_mode=mode)
+        _, projection = model(*_model_inputs(x, inputs))
+    # An independent float64 loop over samples and tokens.
+    p = projection.double()
+    f = features.double().flatten(2).transpose(1, 2)
+    expected = []
+    for b in range(3):
+        cos = sum(1 - (p[b, k] @ f[b, k]) / (p[b, k].norm() * f[b, k].norm()) for k in range(16)) / 16
+        mse = sum(((p[b, k] - f[b, k]) ** 2).sum() for k in range(16)) / (16 * 16)
+        expected.append({"cos": cos, "mse": mse, "cos_mse": (cos + mse) / 2}[mode])
+    assert torch.allclose(terms["repa"].double(), torch.stack(expected), atol=1e-5)
+
+
+def test_repa_weight_and_mode_reach_the_total():
+    config = tiny()
+    model = randomised(config).train()
+    x = torch.randn(2, 12, 4, 4)
+    features = torch.randn(2, 16, 4, 4)
+    out = {}
+    for mode, weight in (("cos", 1.0), ("cos_mse", 0.5)):
+        objective = build_config({"objective": {"repa_mode": mode, "repa_weight": weight}}).objective
+        out[mode] = sfd_loss(model, x, torch.tensor([0, 1]), features, config, objective,
+                             torch.Generator().manual_seed(0), label_dropout=False)
+    # Same draws, so mse and cos agree; only the REPA term and its weight differ.
+    assert torch.allclose(out["cos"]["mse"], out["cos_mse"]["mse"])
+    for mode, weight in (("cos", 1.0), ("cos_mse", 0.5)):
+        total = out[mode]["mse"] + out[mode]["cos"] + weight * out[mode]["repa"]
+        assert torch.allclose(out[mode]["loss"], total, atol=1e-6)
+    assert not torch.allclose(out["cos"]["repa"], out["cos_mse"]["repa"])
+
+
+def _model_inputs(x, inputs):
+    from sfd_train.diffusion.schedule import interpolate, per_channel_time
+    t_tex, t_sem = training_times(inputs.tau, 0.3)
+    return interpolate(x, inputs.noise, per_channel_time(t_tex, t_sem, 12, 4)), t_tex, t_sem, inputs.labels
+
+
 def test_label_dropout_uses_the_null_class():
     config = tiny(class_dropout_prob=0.25)
     x = torch.zeros(4000, 12, 4, 4)

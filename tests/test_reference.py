@@ -8,6 +8,8 @@ shapes exercise the same code paths.
 import pytest
 import torch
 
+from conftest import REFERENCE_DIR
+
 from sfd_train.config import build_config
 from sfd_train.config.published import model_mapping_from_hparams
 from sfd_train.diffusion.objective import LossInputs, loss_terms
@@ -55,18 +57,35 @@ def test_forward_matches_published(reference, model_config):
 
 
 def test_loss_terms_match_published(reference, model_config):
+    _check_loss_terms(reference, model_config)
+
+
+def test_loss_terms_of_the_80_epoch_recipe_match_published():
+    """REPA ``cos_mse`` at weight 0.5, as the authors' code computed it, whatever $SFD_REFERENCE is."""
+    reference = torch.load(REFERENCE_DIR / "sfd_reference_repa_cos_mse.pt", map_location="cpu", weights_only=False)
+    assert reference["loss"]["repa_mode"] == "cos_mse"
+    model_config = build_config({"model": model_mapping_from_hparams(reference["hparams"])}).model
+    _check_loss_terms(reference, model_config)
+
+
+def _check_loss_terms(reference, model_config):
     ref = reference["loss"]
+    # Files of other REPA recipes say which; the weight is already applied to their repa_loss.
+    objective = build_config({"objective": {
+        "semantic_weight": float(ref["semantic_weight"]),
+        "repa_mode": ref.get("repa_mode", "cos"), "repa_weight": float(ref.get("repa_weight", 1.0)),
+    }}).objective
     model = _model(model_config, reference["main_state_dict"], training=True)
     with torch.no_grad():
         terms = loss_terms(
             model, ref["x1"], LossInputs(noise=ref["x0"], tau=ref["t"], labels=ref["y"]), ref.get("feat_dino"),
             semantic_channels=model_config.semantic_channels, delta_t=float(ref["delta_t"]),
-            semantic_weight=float(ref["semantic_weight"]),
+            semantic_weight=objective.semantic_weight, repa_mode=objective.repa_mode,
         )
     _close(terms["mse"], ref["loss"], "loss")
     _close(terms["cos"], ref["cos_loss"], "cos_loss")
     if "repa_loss" in ref:
-        _close(terms["repa"], ref["repa_loss"], "repa_loss")
+        _close(objective.repa_weight * terms["repa"], ref["repa_loss"], "repa_loss")
 
 
 @pytest.mark.parametrize("variant", ["plain", "cfg", "autoguidance"])

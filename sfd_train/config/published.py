@@ -42,6 +42,9 @@ _DIRECT = {
     "model.wo_shift": "model.wo_shift",
     "model.use_repa": "model.use_repa",
     "model.repa_projector_dim": "model.repa_projector_dim",
+    # The authors' trainer reads both from the model section (defaults 1.0 and "cos").
+    "model.repa_weight": "objective.repa_weight",
+    "model.repa_mode": "objective.repa_mode",
     "train.max_steps": "train.max_steps",
     "train.global_batch_size": "train.global_batch_size",
     "train.log_every": "train.log_every",

@@ -146,6 +146,9 @@ class ObjectiveConfig:
     """Weight of the cosine loss between predicted and target velocity (0 = off)."""
     repa_weight: float = 1.0
     """Weight of the REPA alignment loss (used when the model has a projector and the data has features)."""
+    repa_mode: Literal["cos", "mse", "cos_mse"] = "cos"
+    """REPA alignment: ``cos`` = mean over tokens of 1 - cosine (the paper's), ``mse`` = mean squared
+    error against the raw DINOv2 features, ``cos_mse`` = the average of the two (the 80-epoch recipe)."""
 
     def validate(self) -> None:
         if self.logit_std <= 0:

@@ -7,7 +7,10 @@ each returned separately:
 - ``mse``: ``mean_{C,H,W}(w_c (v - u)^2)`` with ``w_c = semantic_weight`` on semantic
   channels and 1 on texture channels (divided by C*H*W, not by the weights' sum);
 - ``cos``: ``mean_{H,W}(1 - cos(v, u))``, the cosine over all channels at each position;
-- ``repa``: ``mean_tokens(1 - cos(proj, dino))`` against the DINOv2 features.
+- ``repa``: the alignment of the projected hidden states with the DINOv2 features, per
+  ``repa_mode`` as the authors define it: ``cos`` = ``mean_tokens(1 - cos(proj, dino))``
+  (the paper's), ``mse`` = ``mean_{tokens,D}((proj - dino)^2)`` on the raw features (no
+  normalisation), ``cos_mse`` = the average of the two (the 80-epoch recipe).
 """
 
 from __future__ import annotations
@@ -59,6 +62,22 @@ def channel_weights(channels: int, semantic_channels: int, semantic_weight: floa
     return weights
 
 
+def repa_alignment(projection: torch.Tensor, targets: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-sample REPA term of ``projection`` and ``targets``, both ``(B, tokens, D)``."""
+    cos = (1.0 - F.cosine_similarity(projection, targets, dim=-1)).mean(dim=1)
+    if mode == "cos":
+        return cos
+    mse = ((projection - targets) ** 2).mean(dim=(1, 2))
+    if mode == "mse":
+        return mse
+    if mode == "cos_mse":
+        return 0.5 * (cos + mse)
+    raise ValueError(f"unknown REPA mode {mode!r}; known: {', '.join(REPA_MODES)}")
+
+
+REPA_MODES = ("cos", "mse", "cos_mse")
+
+
 def loss_terms(
     model: nn.Module,
     x_data: torch.Tensor,
@@ -68,6 +87,7 @@ def loss_terms(
     semantic_channels: int,
     delta_t: float,
     semantic_weight: float,
+    repa_mode: str = "cos",
 ) -> dict[str, torch.Tensor]:
     """Per-sample loss terms ``{"mse", "cos", "repa"}`` (``repa`` only with features).
 
@@ -76,6 +96,7 @@ def loss_terms(
         x_data: clean composite latents ``(B, C, H, W)``.
         inputs: noise, global times and labels from :func:`draw_loss_inputs`.
         features: REPA targets ``(B, D, H', W')`` or None.
+        repa_mode: ``cos``, ``mse`` or ``cos_mse`` (see :func:`repa_alignment`); unweighted.
     """
     channels = x_data.shape[1]
     t_tex, t_sem = training_times(inputs.tau, delta_t)
@@ -91,8 +112,24 @@ def loss_terms(
     }
     if features is not None and projection is not None:
         targets = features.flatten(2).transpose(1, 2).float()
-        terms["repa"] = (1.0 - F.cosine_similarity(projection.float(), targets, dim=-1)).mean(dim=1)
+        terms["repa"] = repa_alignment(projection.float(), targets, repa_mode)
     return terms
+
+
+def objective_terms(
+    model: nn.Module,
+    x_data: torch.Tensor,
+    inputs: LossInputs,
+    features: torch.Tensor | None,
+    model_config: ModelConfig,
+    objective: ObjectiveConfig,
+) -> dict[str, torch.Tensor]:
+    """:func:`loss_terms` with every setting taken from the run's config."""
+    return loss_terms(
+        model, x_data, inputs, features,
+        semantic_channels=model_config.semantic_channels, delta_t=model_config.delta_t,
+        semantic_weight=objective.semantic_weight, repa_mode=objective.repa_mode,
+    )
 
 
 def draw_global_inputs(
@@ -146,9 +183,7 @@ def sfd_loss(
         (detached, for logging; "repa" only with features)}``.
     """
     inputs = draw_loss_inputs(x_data, labels, model_config, objective, generator, label_dropout)
-    terms = loss_terms(
-        model, x_data, inputs, features if objective.repa_weight > 0 else None,
-        semantic_channels=model_config.semantic_channels, delta_t=model_config.delta_t,
-        semantic_weight=objective.semantic_weight,
+    terms = objective_terms(
+        model, x_data, inputs, features if objective.repa_weight > 0 else None, model_config, objective,
     )
     return combine_terms(terms, objective)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from sfd_train.config.schema import CUDA_GRAPH_MODES, Config, ParallelConfig
-from sfd_train.diffusion.objective import LossInputs, combine_terms, loss_terms
+from sfd_train.diffusion.objective import LossInputs, combine_terms, objective_terms
 
 LossFn = Callable[[nn.Module, torch.Tensor, LossInputs, "torch.Tensor | None"], dict[str, torch.Tensor]]
 
@@ -52,12 +52,7 @@ def build_loss_fn(config: Config) -> LossFn:
     model_config, objective = config.model, config.objective
 
     def training_loss(model: nn.Module, x: torch.Tensor, inputs: LossInputs, features: torch.Tensor | None):
-        terms = loss_terms(
-            model, x, inputs, features,
-            semantic_channels=model_config.semantic_channels, delta_t=model_config.delta_t,
-            semantic_weight=objective.semantic_weight,
-        )
-        return combine_terms(terms, objective)
+        return combine_terms(objective_terms(model, x, inputs, features, model_config, objective), objective)
 
     parallel = config.parallel
     if parallel.compile and parallel.compile_scope == "step":

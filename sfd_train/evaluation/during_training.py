@@ -69,6 +69,8 @@ class TrainingEvaluator:
             from sfd_train.evaluation.synthetic import SyntheticEvaluator
 
             self._scorer = SyntheticEvaluator(ensure_synthetic_dataset(self.config.data.synthetic_dir or None))
+            logger.info(f"synthetic feature network: held-out class accuracy {self._scorer.held_out_accuracy:.1%} "
+                        f"on real pictures (the ceiling of the samples' class_accuracy)")
 
     @torch.no_grad()
     def sample_features(self, trainer: "Trainer") -> dict[str, np.ndarray] | None:
@@ -152,7 +154,7 @@ class TrainingEvaluator:
     def validation_loss(self, trainer: "Trainer", uses_repa: bool) -> float | None:
         """The loss of the held-out latents at :data:`VALIDATION_TIMES` (the same on every rank)."""
         from sfd_train.data_pipeline.stats import normalize
-        from sfd_train.diffusion.objective import LossInputs, combine_terms, loss_terms
+        from sfd_train.diffusion.objective import LossInputs, combine_terms, objective_terms
 
         batch = self._validation_set()
         if batch is False:
@@ -170,8 +172,7 @@ class TrainingEvaluator:
             for tau in VALIDATION_TIMES:
                 inputs = LossInputs(noise=noise, tau=torch.full((len(x),), tau, device=self.device), labels=labels)
                 with trainer.autocast:
-                    terms = loss_terms(ema, x, inputs, features, semantic_channels=config.model.semantic_channels,
-                                       delta_t=config.model.delta_t, semantic_weight=config.objective.semantic_weight)
+                    terms = objective_terms(ema, x, inputs, features, config.model, config.objective)
                 total += float(combine_terms(terms, config.objective)["loss"])
         finally:
             ema.eval()

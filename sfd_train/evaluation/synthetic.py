@@ -131,3 +131,12 @@ class SyntheticEvaluator:
     def metrics(self, features: np.ndarray, predicted: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         return {"fid_synthetic": frechet_distance(GaussianStats.of(features), self.reference),
                 "class_accuracy": float(np.mean(predicted == labels))}
+
+
+def prepare_synthetic_caches(folder: str | None = None) -> SyntheticEvaluator:
+    """Builds everything a synthetic run with evaluation reads (dataset, validation set, feature
+    network) once, up front, e.g. before starting many runs that share the folder."""
+    from sfd_train.data_pipeline.synthetic import ensure_synthetic_dataset, ensure_synthetic_validation_set
+
+    ensure_synthetic_validation_set(folder)
+    return SyntheticEvaluator(ensure_synthetic_dataset(folder))
