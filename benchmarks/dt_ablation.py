@@ -21,7 +21,7 @@ Outputs in ``--out``:
 It is resumable: a finished run is read back, not redone, and an interrupted one continues from
 its last checkpoint (sfd-train resumes by itself). ``--jobs`` runs go in parallel (one per core).
 
-Example (about 50 minutes on 2 cores)::
+Example (44 minutes on 2 cores)::
 
     python benchmarks/dt_ablation.py --out benchmarks/results/dt_ablation
 """
@@ -285,16 +285,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     grid = [(dt, seed) for seed in args.seeds for dt in args.dts]
-    if not args.report_only:
+    to_train = [job for job in grid if finished(args.out / "runs" / run_name(*job), args.steps) is None]
+    if to_train and not args.report_only:
         # The shared caches (dataset, validation set, feature network) are built once, up front,
         # so that parallel runs do not wait on each other's locks with a core each.
         subprocess.run([sys.executable, "-c", "from sfd_train.evaluation.synthetic import prepare_synthetic_caches;"
                         "prepare_synthetic_caches()"], cwd=REPO, check=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
         start = time.time()
-        print(f"{len(grid)} runs, {args.jobs} at a time, {args.steps} steps x batch {args.batch} each", flush=True)
+        print(f"{len(to_train)} of {len(grid)} runs to train, {args.jobs} at a time, {args.steps} steps x batch "
+              f"{args.batch} each", flush=True)
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda job: train_one(args, *job), grid))
+            list(pool.map(lambda job: train_one(args, *job), to_train))
         print(f"all runs finished in {(time.time() - start) / 60:.1f} min", flush=True)
     missing = [run_name(dt, seed) for dt, seed in grid if finished(args.out / "runs" / run_name(dt, seed), args.steps) is None]
     if missing:

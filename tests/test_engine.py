@@ -117,11 +117,14 @@ def test_deepspeed_config_is_generated_with_pass_through():
 @pytest.mark.slow
 def test_tiny_preset_leaves_checkpoint_samples_and_plot(tmp_path):
     run_dir = tmp_path / "run"
+    # The preset's evaluation at a test's size: the final one, with few samples and steps.
     train("tiny", [f"run.output_dir={run_dir}", "train.max_steps=6", "train.sample_every=3", "train.sample_steps=4",
-                   "checkpoint.every=3", "train.log_every=3", "run.wandb_mode=offline"], nproc=2)
+                   "checkpoint.every=3", "train.log_every=3", "run.wandb_mode=offline", "eval.num_samples=20",
+                   "eval.sampling_steps=3", "eval.val_samples=16"], nproc=2)
     assert (run_dir / "checkpoints" / "step_000000006" / "COMMITTED").is_file()
     assert (run_dir / "samples" / "step_000000006.png").is_file()
     assert (run_dir / "loss.png").is_file() and (run_dir / "config.yaml").is_file()
+    assert (run_dir / "eval.png").is_file()
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run folder missing"
     log = (run_dir / "metrics.jsonl").read_text()
     assert '"images_per_s"' in log and '"memory_gib"' in log

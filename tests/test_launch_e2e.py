@@ -107,7 +107,7 @@ def _newest_checkpoint(out: Path, scratch: Path) -> dict[str, torch.Tensor]:
 def test_requeued_real_training_matches_an_uninterrupted_run(tmp_path):
     common = [
         "train.max_steps=30", "train.global_batch_size=16", "checkpoint.every=5", "train.log_every=1",
-        "train.sample_every=0", "run.wandb_mode=disabled",
+        "train.sample_every=0", "eval.every=0", "run.wandb_mode=disabled",
     ]
     baseline_record, baseline = slurm_job(tmp_path, "uninterrupted", "tiny", *common)
     assert baseline_record["state"] == "COMPLETED" and len(baseline_record["runs"]) == 1, logs(baseline)
