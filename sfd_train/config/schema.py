@@ -343,10 +343,25 @@ class ParallelConfig:
     """Collective backend; 'auto' picks it from the installed stack (CUDA: nccl, Ascend: hccl, CPU: gloo)."""
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Expert keys merged last into the generated DeepSpeed JSON config."""
+    dp_replicate: int = 1
+    """Replica groups of hybrid sharding (HSDP, fsdp2 only): parameters are sharded inside a group of dp_shard ranks (typically a node) and replicated across groups, so only gradients cross the groups. 1 = one flat group."""
+    dp_shard: int = -1
+    """Ranks that shard the parameters inside each replica group; -1 = the world size / (dp_replicate * tp)."""
+    tp: int = 1
+    """Tensor-parallel degree inside a sample (attention heads and the MLP); 1 = none."""
     collective_timeout: str = "5m"
     """How long a collective waits for the other ranks before the job fails, naming the ranks that stopped answering (e.g. 5m, 300s, 0:10:00). Raise it if ranks legitimately wait longer for each other (very slow checkpoint storage)."""
 
     def validate(self) -> None:
+        for key in ("dp_replicate", "tp"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.dp_shard != -1 and self.dp_shard < 1:
+            raise ConfigError("dp_shard", f"must be >= 1, or -1 for the rest of the world size; got {self.dp_shard}")
+        if (self.dp_replicate > 1 or self.dp_shard != -1) and self.strategy != "fsdp2":
+            raise ConfigError("dp_replicate", f"a 2-D data-parallel mesh needs strategy fsdp2, not {self.strategy}")
+        if self.tp > 1:
+            raise ConfigError("tp", "tensor parallel is not built yet; use tp: 1")
         try:
             if parse_duration(self.collective_timeout) <= 0:
                 raise ValueError(f"{self.collective_timeout!r} is not a positive duration")
@@ -372,8 +387,22 @@ class ParallelConfig:
                 "'max-autotune-no-cudagraphs', or parallel.strategy=ddp",
             )
 
+    def mesh_shape(self, world_size: int) -> tuple[int, int, int]:
+        """``(dp_replicate, dp_shard, tp)`` for ``world_size`` ranks, ``dp_shard = -1`` resolved.
+
+        Raises:
+            ConfigError: the three degrees do not multiply to the world size.
+        """
+        fixed = self.dp_replicate * self.tp
+        shard = self.dp_shard if self.dp_shard != -1 else world_size // fixed
+        if shard < 1 or self.dp_replicate * shard * self.tp != world_size:
+            wanted = f"dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard if self.dp_shard != -1 else '-1 (the rest)'} x tp {self.tp}"
+            raise ConfigError("parallel.dp_replicate", f"{wanted} does not make the {world_size} ranks of this job")
+        return self.dp_replicate, shard, self.tp
+
     def check_world_size(self, world_size: int) -> None:
         """The checks that depend on how many ranks run the job."""
+        self.mesh_shape(world_size)
         if self.compile and self.compile_mode in CUDA_GRAPH_MODES and world_size > 1:
             raise ConfigError(
                 "parallel.compile_mode",

@@ -31,9 +31,19 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.blocks[index] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
+def data_parallel_mesh(world: World, config: Config):
+    """The FSDP2 mesh: 1-D ``(dp_shard,)``, or 2-D ``(dp_replicate, dp_shard)`` for hybrid sharding,
+    where FSDP2 shards along ``dp_shard`` and all-reduces gradients along ``dp_replicate``. Consecutive
+    ranks share a shard group, so with one group per node the parameter traffic stays in the node."""
+    replicate, shard, _ = config.parallel.mesh_shape(world.world_size)
+    if replicate == 1:
+        return init_device_mesh(world.device.type, (shard,), mesh_dim_names=("dp_shard",))
+    return init_device_mesh(world.device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+
+
 def apply_fsdp2(model: nn.Module, world: World, config: Config) -> None:
     """``fully_shard`` per block, then the root (embedders, final layer, REPA projector)."""
-    mesh = init_device_mesh(world.device.type, (world.world_size,))
+    mesh = data_parallel_mesh(world, config)
     policy = MixedPrecisionPolicy(
         param_dtype=DTYPES[config.parallel.param_dtype], reduce_dtype=DTYPES[config.parallel.reduce_dtype]
     )

@@ -262,7 +262,7 @@ class Trainer:
         if self.world.is_main:
             logger.info(
                 f"training {_model_name(config)} ({sum(p.numel() for p in self.strategy.model.parameters()) / 1e6:.1f}M "
-                f"params on this rank) with {config.parallel.strategy} on {self.world.world_size} x "
+                f"params on this rank) with {_layout(config, self.world.world_size)} on {self.world.world_size} x "
                 f"{devices.device_name(self.device)}: global batch {config.train.global_batch_size} = "
                 f"{self.micro_batch} x {self.world.world_size} ranks x {self.accumulation} accumulation"
             )
@@ -342,6 +342,14 @@ class Trainer:
         self.watcher.restore()
         if self.run_lock is not None:
             self.run_lock.release()
+
+
+def _layout(config: Config, world_size: int) -> str:
+    """The strategy, and the mesh when it is not one flat group."""
+    replicate, shard, _ = config.parallel.mesh_shape(world_size)
+    if replicate > 1:
+        return f"{config.parallel.strategy} (HSDP: {replicate} replicas x {shard} shards)"
+    return config.parallel.strategy
 
 
 def _model_name(config) -> str:
