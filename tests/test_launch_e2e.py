@@ -124,3 +124,13 @@ def test_requeued_real_training_matches_an_uninterrupted_run(tmp_path):
     assert weights
     for key in weights:
         assert torch.equal(actual[key], expected[key]), key
+
+
+@pytest.mark.slow
+def test_two_nodes_of_two_ranks_train_with_hybrid_sharding_by_default(tmp_path):
+    record, out = slurm_job(tmp_path, "hsdp", "tiny", "launcher.devices_per_node=2", "train.max_steps=4",
+                            "train.global_batch_size=16", "checkpoint.every=0", "train.sample_every=0",
+                            "eval.every=0", "run.wandb_mode=disabled")
+    assert record["state"] == "COMPLETED", logs(out)
+    assert "fsdp2 (HSDP: 2 replicas x 2 shards) on 4 x" in logs(out), logs(out)
+    assert (out / "checkpoints" / "step_000000004" / "COMMITTED").is_file()

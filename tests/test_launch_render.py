@@ -264,3 +264,25 @@ def test_the_trainer_and_the_scripts_agree_on_the_contract():
 
     assert preemption.REQUEUE_EXIT_CODE == contract.REQUEUE_EXIT_CODE == 75
     assert preemption.REQUEUE_FILE == contract.REQUEUE_FILENAME
+
+
+@pytest.mark.parametrize(
+    "overrides,shape",
+    [
+        (["launcher.nodes=4", "launcher.devices_per_node=8"], (4, 8, 1)),  # HSDP: one shard group per node
+        (["launcher.nodes=1", "launcher.devices_per_node=8"], (1, 8, 1)),  # one node stays flat
+        (["launcher.nodes=4", "launcher.devices_per_node=8", "parallel.dp_shard=32"], (1, 32, 1)),  # chosen: flat
+        (["launcher.nodes=4", "launcher.devices_per_node=8", "parallel.strategy=zero2"], (1, 32, 1)),
+    ],
+)
+def test_the_launcher_picks_hybrid_sharding_across_nodes(overrides, shape):
+    config = load_config(None, ["run.output_dir=/scratch/sfd/runs/mesh", "launcher.slurm.partition=gpu", *overrides])
+    job = build_job(config, "slurm", workdir=WORKDIR)
+    assert job.config.parallel.mesh_shape(job.world_size) == shape
+
+
+def test_a_mesh_that_does_not_fit_the_job_is_refused_at_launch():
+    config = load_config(None, ["run.output_dir=/scratch/sfd/runs/mesh", "launcher.nodes=2",
+                                "launcher.devices_per_node=8", "parallel.dp_replicate=3"])
+    with pytest.raises(ConfigError, match="does not make the 16 ranks"):
+        build_job(config, "slurm", workdir=WORKDIR)
