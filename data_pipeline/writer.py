@@ -170,6 +170,25 @@ def write_json(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def claim_plan(path: str, plan: Mapping[str, Any]) -> list[str]:
+    """Compares ``plan`` with the job plan saved at ``path``, or saves it there if there is none.
+
+    A resumable job (shards, sample chunks) may only continue work that was started with the same
+    parameters; each caller turns a mismatch into its own error.
+
+    Returns:
+        The keys whose values differ from the saved plan, sorted; empty when they agree (or ``path``
+        held no plan, which is then written atomically).
+    """
+    plan = dict(plan)
+    if not os.path.exists(path):
+        write_json(path, plan)
+        return []
+    with open(path, encoding="utf-8") as f:
+        previous = json.load(f)
+    return sorted(k for k in set(plan) | set(previous) if plan.get(k) != previous.get(k))
+
+
 def read_shard_arrays(path: str, layout: SampleLayout, count: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Every sample of a local shard: ``({field: (count, ...) in the storage dtype}, labels (count,))``."""
     data = np.fromfile(path, dtype=np.uint8, count=count * layout.stride).reshape(count, layout.stride)
@@ -224,16 +243,12 @@ def prepare_job(out_dir: str, plan: Mapping[str, Any], names: list[str], layout:
     if os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
         raise WriterError(f"{out_dir} already holds a different dataset; use another folder or delete it")
     os.makedirs(os.path.join(out_dir, STATE_DIR), exist_ok=True)
-    if os.path.exists(plan_path):
-        with open(plan_path, encoding="utf-8") as f:
-            previous = json.load(f)
-        if previous != plan:
-            differing = sorted(k for k in set(plan) | set(previous) if plan.get(k) != previous.get(k))
-            raise WriterError(f"{out_dir} holds an unfinished job with other parameters ({', '.join(differing)} "
-                              "differ); run it with its own parameters, or use another folder")
-    elif any(os.path.exists(os.path.join(out_dir, nm)) for nm in names):
+    if not os.path.exists(plan_path) and any(os.path.exists(os.path.join(out_dir, nm)) for nm in names):
         raise WriterError(f"{out_dir} already holds shards of another job; use another folder or delete it")
-    write_json(plan_path, dict(plan))
+    differing = claim_plan(plan_path, plan)
+    if differing:
+        raise WriterError(f"{out_dir} holds an unfinished job with other parameters ({', '.join(differing)} "
+                          "differ); run it with its own parameters, or use another folder")
     remove_leftovers(out_dir)
     records = {}
     for i, name in enumerate(names):

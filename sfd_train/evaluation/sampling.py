@@ -13,7 +13,6 @@ ADM's layout (``arr_0``: N x H x W x 3 uint8, plus ``labels``) without holding t
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sfd_train.data_pipeline.writer import claim_plan
 from sfd_train.evaluation.decode import Decoder, to_uint8
 from sfd_train.evaluation.sources import SAMPLES_FILE
 
@@ -87,17 +87,10 @@ def sample_to_folder(sample_batch: Callable[[torch.Tensor, torch.Tensor], torch.
             "batch_size": job.batch_size, **settings}
     plan_path = os.path.join(out, PLAN)
     if rank == 0:
-        if os.path.exists(plan_path):
-            with open(plan_path, encoding="utf-8") as f:
-                previous = json.load(f)
-            if previous != plan:
-                differing = sorted(k for k in set(plan) | set(previous) if plan.get(k) != previous.get(k))
-                raise ValueError(f"{out} holds samples made with other settings ({', '.join(differing)} differ); "
-                                 "use another --out or delete it")
-        else:
-            with open(plan_path + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(plan, f, indent=1)
-            os.replace(plan_path + ".tmp", plan_path)
+        differing = claim_plan(plan_path, plan)
+        if differing:
+            raise ValueError(f"{out} holds samples made with other settings ({', '.join(differing)} differ); "
+                             "use another --out or delete it")
     barrier()
     chunks = [c for c in range(-(-job.num // job.chunk)) if c % world == rank and not os.path.exists(_chunk_path(out, c))]
     todo = sum(min(job.chunk, job.num - c * job.chunk) for c in chunks)
