@@ -134,8 +134,8 @@ def build_job(config: Config, mode: Mode, workdir: str | os.PathLike | None = No
     job = Job(mode=mode, config=config, workdir=workdir, nproc_per_node=nproc)
 
     # The trainer would reject these only after the job waited in the queue.
-    config.train.accumulation_steps(job.world_size)
     config.parallel.mesh_shape(job.world_size)
+    config.train.accumulation_steps(config.parallel.data_world(job.world_size))
     if mode == "local" and launcher.nodes != 1:
         raise ConfigError("launcher.nodes", f"local runs on this machine only (1 node), got {launcher.nodes}")
     if mode == "slurm" and config.checkpoint.resume != "auto":

@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         # Everything that can be checked without a process group is checked here.
         if not config.data.path:
             raise ConfigError("data.path", "missing: set it to a shard folder or URL, or to 'synthetic'")
-        config.train.accumulation_steps(world_size_from_env())
         config.parallel.check_world_size(world_size_from_env())
+        config.train.accumulation_steps(config.parallel.data_world(world_size_from_env()))
     except ConfigError as err:
         print(f"sfd-train: {err}", file=sys.stderr)
         return 2

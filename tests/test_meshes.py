@@ -1,4 +1,4 @@
-"""Device meshes from config: hybrid sharding (HSDP) on a 2-D FSDP2 mesh."""
+"""Device meshes from config: hybrid sharding (HSDP, ZeRO++ hpZ) and tensor parallel composed with FSDP2."""
 
 import pytest
 
@@ -32,25 +32,14 @@ def test_a_mesh_that_does_not_fit_the_world_is_named(parallel, world, key, messa
 @pytest.mark.parametrize(
     "parallel,key",
     [({"dp_replicate": 0}, "parallel.dp_replicate"), ({"dp_shard": 0}, "parallel.dp_shard"),
-     ({"strategy": "ddp", "dp_replicate": 2}, "parallel.dp_replicate")],
+     ({"strategy": "ddp", "dp_replicate": 2}, "parallel.dp_replicate"),
+     ({"strategy": "zero2", "dp_replicate": 2}, "parallel.dp_replicate"), ({"tp": 0}, "parallel.tp"),
+     ({"strategy": "ddp", "tp": 2}, "parallel.tp"), ({"tp": 2, "compile": True}, "parallel.tp")],
 )
 def test_bad_degrees_are_refused(parallel, key):
     with pytest.raises(ConfigError) as err:
         build_config({"parallel": parallel})
     assert key in str(err.value)
-
-
-@pytest.mark.slow
-def test_hsdp_2x2_follows_the_single_process_trajectory(tmp_path):
-    single = write_config(tmp_path / "single.yaml", parallel={"strategy": "ddp"})
-    train(single, [f"run.output_dir={tmp_path / 'single'}"])
-    hsdp = write_config(tmp_path / "hsdp.yaml", parallel={"strategy": "fsdp2", "dp_replicate": 2})
-    run = train(hsdp, [f"run.output_dir={tmp_path / 'hsdp'}"], nproc=4)
-    assert "fsdp2 (HSDP: 2 replicas x 2 shards) on 4 x" in run.stdout + run.stderr
-    expected, mine = losses(tmp_path / "single"), losses(tmp_path / "hsdp")
-    assert sorted(mine) == sorted(expected) == list(range(1, TINY["train"]["max_steps"] + 1))
-    for step, value in expected.items():
-        assert mine[step] == pytest.approx(value, rel=2e-5, abs=1e-6), f"step {step}"
 
 
 STEPS = 10
@@ -84,6 +73,79 @@ def test_a_hsdp_checkpoint_resumes_on_a_flat_mesh(tmp_path):
     train(config, [f"run.output_dir={reference_dir}", "parallel.dp_replicate=2"], nproc=4)
     train(config, [f"run.output_dir={resharded_dir}", "parallel.dp_replicate=2", "train.max_steps=5"], nproc=4)
     result = train(config, [f"run.output_dir={resharded_dir}", "parallel.dp_shard=2"], nproc=2)
+    assert "written by 4 ranks" in result.stdout + result.stderr
+    ref, res = losses(reference_dir), losses(resharded_dir)
+    for step in range(6, STEPS + 1):
+        assert res[step] == pytest.approx(ref[step], rel=2e-5), step
+
+
+def test_tensor_parallel_groups_share_their_samples():
+    parallel = build_config({"parallel": {"tp": 2, "dp_replicate": 2}}).parallel
+    assert parallel.mesh_shape(8) == (2, 2, 2)
+    assert parallel.data_world(8) == 4
+    assert [parallel.data_rank(rank, 8) for rank in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_zero3_on_two_replicas_asks_deepspeed_for_hpz():
+    from sfd_train.engine.zero import deepspeed_config
+
+    config = build_config({"parallel": {"strategy": "zero3", "dp_replicate": 2}, "train": {"global_batch_size": 16}})
+    assert deepspeed_config(config, 8, "cpu")["zero_optimization"]["zero_hpz_partition_size"] == 4
+    flat = build_config({"parallel": {"strategy": "zero3"}, "train": {"global_batch_size": 16}})
+    assert "zero_hpz_partition_size" not in deepspeed_config(flat, 8, "cpu")["zero_optimization"]
+
+
+CLIP = {"grad_clip": 0.5}  # clipping on: the gradient norm must be right across meshes
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """The 1-process run every layout must follow (with gradient clipping)."""
+    root = tmp_path_factory.mktemp("single")
+    train(write_config(root / "single.yaml", parallel={"strategy": "ddp"}, train=CLIP), [f"run.output_dir={root / 'run'}"])
+    return root / "run"
+
+
+def _grad_norms(run_dir):
+    from sfd_train.engine.metrics import read_metrics
+
+    return {r["step"]: r["grad_norm"] for r in read_metrics(run_dir)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "parallel,nproc,layout",
+    [({"dp_replicate": 2}, 4, "fsdp2 (HSDP: 2 replicas x 2 shards)"),
+     ({"tp": 2}, 2, "fsdp2 (1 shards, tensor parallel 2)"),
+     ({"tp": 2}, 4, "fsdp2 (2 shards, tensor parallel 2)"),
+     ({"strategy": "zero3", "dp_replicate": 2}, 4, "zero3 (ZeRO++ hpZ: 2 replicas x 2 shards)")],
+    ids=["hsdp-2x2", "tp2", "tp2-x-fsdp2", "zero3-hpz"],
+)
+def test_layout_follows_the_single_process_trajectory(tmp_path, single_process, parallel, nproc, layout):
+    config = write_config(tmp_path / "job.yaml", parallel=parallel, train=CLIP)
+    run = train(config, [f"run.output_dir={tmp_path / 'run'}"], nproc=nproc)
+    assert f"with {layout} on {nproc} x" in run.stdout + run.stderr
+    expected, mine = losses(single_process), losses(tmp_path / "run")
+    assert sorted(mine) == sorted(expected) == list(range(1, TINY["train"]["max_steps"] + 1))
+    for step, value in expected.items():
+        assert mine[step] == pytest.approx(value, rel=2e-5, abs=1e-6), f"step {step}"
+    for step, value in _grad_norms(single_process).items():
+        assert _grad_norms(tmp_path / "run")[step] == pytest.approx(value, rel=2e-5), f"grad norm, step {step}"
+    if "tp" in parallel:  # the checkpoint holds the plain global layout of the split weights
+        ref, mine = exported(single_process, tmp_path / "a.pt"), exported(tmp_path / "run", tmp_path / "b.pt")
+        for part in ("model", "ema"):
+            for key, value in ref[part].items():
+                torch.testing.assert_close(mine[part][key], value, rtol=1e-4, atol=1e-6, msg=f"{part} {key}")
+
+
+@pytest.mark.slow
+def test_a_tp2_checkpoint_resumes_with_tp1(tmp_path):
+    """Saved with tp 2 x dp_shard 2, resumed with tp 1 on dp_shard 2: the same losses after."""
+    config = write_config(tmp_path / "job.yaml", train={"max_steps": STEPS}, checkpoint={"every": 5})
+    reference_dir, resharded_dir = tmp_path / "reference", tmp_path / "resharded"
+    train(config, [f"run.output_dir={reference_dir}", "parallel.tp=2"], nproc=4)
+    train(config, [f"run.output_dir={resharded_dir}", "parallel.tp=2", "train.max_steps=5"], nproc=4)
+    result = train(config, [f"run.output_dir={resharded_dir}"], nproc=2)
     assert "written by 4 ranks" in result.stdout + result.stderr
     ref, res = losses(reference_dir), losses(resharded_dir)
     for step in range(6, STEPS + 1):

@@ -344,7 +344,7 @@ class ParallelConfig:
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Expert keys merged last into the generated DeepSpeed JSON config."""
     dp_replicate: int = 1
-    """Replica groups of hybrid sharding (HSDP, fsdp2 only): parameters are sharded inside a group of dp_shard ranks (typically a node) and replicated across groups, so only gradients cross the groups. 1 = one flat group."""
+    """Replica groups of hybrid sharding: parameters are sharded inside a group of dp_shard ranks (typically a node) and replicated across groups, so the per-layer parameter gathers stay inside a group. fsdp2: HSDP (gradients are reduce-scattered in the group, all-reduced across groups). zero3: ZeRO++ hpZ (optimizer state and gradients stay sharded over all ranks; a secondary copy of the parameters is sharded over dp_shard ranks). 1 = one flat group."""
     dp_shard: int = -1
     """Ranks that shard the parameters inside each replica group; -1 = the world size / (dp_replicate * tp)."""
     tp: int = 1
@@ -358,10 +358,15 @@ class ParallelConfig:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
         if self.dp_shard != -1 and self.dp_shard < 1:
             raise ConfigError("dp_shard", f"must be >= 1, or -1 for the rest of the world size; got {self.dp_shard}")
-        if (self.dp_replicate > 1 or self.dp_shard != -1) and self.strategy != "fsdp2":
-            raise ConfigError("dp_replicate", f"a 2-D data-parallel mesh needs strategy fsdp2, not {self.strategy}")
-        if self.tp > 1:
-            raise ConfigError("tp", "tensor parallel is not built yet; use tp: 1")
+        if (self.dp_replicate > 1 or self.dp_shard != -1) and self.strategy not in ("fsdp2", "zero3"):
+            raise ConfigError(
+                "dp_replicate",
+                f"a 2-D data-parallel mesh needs strategy fsdp2 (HSDP) or zero3 (ZeRO++ hpZ), not {self.strategy}",
+            )
+        if self.tp > 1 and self.strategy != "fsdp2":
+            raise ConfigError("tp", f"tensor parallel composes with strategy fsdp2, not {self.strategy}")
+        if self.tp > 1 and self.compile:
+            raise ConfigError("tp", "tensor parallel runs eager: set parallel.compile=false (not tried with compile)")
         try:
             if parse_duration(self.collective_timeout) <= 0:
                 raise ValueError(f"{self.collective_timeout!r} is not a positive duration")
@@ -399,6 +404,14 @@ class ParallelConfig:
             wanted = f"dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard if self.dp_shard != -1 else '-1 (the rest)'} x tp {self.tp}"
             raise ConfigError("parallel.dp_replicate", f"{wanted} does not make the {world_size} ranks of this job")
         return self.dp_replicate, shard, self.tp
+
+    def data_world(self, world_size: int) -> int:
+        """How many ranks read different samples: the ranks of a TP group share theirs."""
+        return world_size // self.mesh_shape(world_size)[2]
+
+    def data_rank(self, rank: int, world_size: int) -> int:
+        """This rank's place among the :meth:`data_world` ranks (TP groups are consecutive ranks)."""
+        return rank // self.mesh_shape(world_size)[2]
 
     def check_world_size(self, world_size: int) -> None:
         """The checks that depend on how many ranks run the job."""

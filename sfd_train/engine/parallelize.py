@@ -1,5 +1,5 @@
 """Applies parallelism to a built model, in torchtitan's order:
-activation checkpointing -> compile -> sharding (DDP or FSDP2).
+tensor parallel -> activation checkpointing -> compile -> sharding (DDP or FSDP2).
 
 DeepSpeed ZeRO lives in :mod:`sfd_train.engine.zero`; both return a
 :class:`~sfd_train.engine.strategy.Strategy`.
@@ -21,6 +21,7 @@ from sfd_train.engine.compile import compile_blocks
 from sfd_train.engine.distributed import World
 from sfd_train.engine.optim import build_adamw, build_scheduler
 from sfd_train.engine.strategy import TorchStrategy
+from sfd_train.engine.tensor_parallel import apply_tensor_parallel
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -31,19 +32,28 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.blocks[index] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
-def data_parallel_mesh(world: World, config: Config):
-    """The FSDP2 mesh: 1-D ``(dp_shard,)``, or 2-D ``(dp_replicate, dp_shard)`` for hybrid sharding,
-    where FSDP2 shards along ``dp_shard`` and all-reduces gradients along ``dp_replicate``. Consecutive
-    ranks share a shard group, so with one group per node the parameter traffic stays in the node."""
-    replicate, shard, _ = config.parallel.mesh_shape(world.world_size)
-    if replicate == 1:
-        return init_device_mesh(world.device.type, (shard,), mesh_dim_names=("dp_shard",))
-    return init_device_mesh(world.device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+def device_meshes(world: World, config: Config):
+    """``(data-parallel mesh, tensor-parallel mesh or None)`` from ``parallel.mesh_shape``.
+
+    The data-parallel mesh is 1-D ``(dp_shard,)``, or 2-D ``(dp_replicate, dp_shard)`` for hybrid
+    sharding, where FSDP2 shards along ``dp_shard`` and all-reduces gradients along ``dp_replicate``.
+    ``tp`` is the innermost dimension, so a TP group is consecutive ranks (one node), then come the
+    shard groups: with one shard group per node the parameter traffic stays in the node.
+    """
+    replicate, shard, tp = config.parallel.mesh_shape(world.world_size)
+    dims = [("dp_replicate", replicate)] if replicate > 1 else []
+    dims.append(("dp_shard", shard))
+    if tp > 1:
+        dims.append(("tp", tp))
+    names = tuple(name for name, _ in dims)
+    mesh = init_device_mesh(world.device.type, tuple(size for _, size in dims), mesh_dim_names=names)
+    data_names = tuple(name for name in names if name != "tp")
+    data = mesh[data_names] if len(data_names) > 1 else mesh["dp_shard"]
+    return data, mesh["tp"] if tp > 1 else None
 
 
-def apply_fsdp2(model: nn.Module, world: World, config: Config) -> None:
+def apply_fsdp2(model: nn.Module, mesh, config: Config) -> None:
     """``fully_shard`` per block, then the root (embedders, final layer, REPA projector)."""
-    mesh = data_parallel_mesh(world, config)
     policy = MixedPrecisionPolicy(
         param_dtype=DTYPES[config.parallel.param_dtype], reduce_dtype=DTYPES[config.parallel.reduce_dtype]
     )
@@ -82,10 +92,16 @@ def parallelize_torch(model: nn.Module, world: World, config: Config, find_unuse
         ema_state: initial EMA weights (fine-tuning); a copy of the model's otherwise.
     """
     ema = make_ema(model, ema_state)
+    data_mesh = tp_mesh = None
+    if config.parallel.strategy == "fsdp2":
+        data_mesh, tp_mesh = device_meshes(world, config)
+    if tp_mesh is not None:
+        apply_tensor_parallel(model, tp_mesh)
+        apply_tensor_parallel(ema, tp_mesh)
     prepare_blocks(model, config)
     if config.parallel.strategy == "fsdp2":
-        apply_fsdp2(model, world, config)
-        apply_fsdp2(ema, world, config)
+        apply_fsdp2(model, data_mesh, config)
+        apply_fsdp2(ema, data_mesh, config)
         model.to(world.device)
         ema.to(world.device)
         wrapped: nn.Module = model
@@ -103,5 +119,5 @@ def parallelize_torch(model: nn.Module, world: World, config: Config, find_unuse
     scheduler = build_scheduler(optimizer, config.optimizer, config.train.max_steps)
     return TorchStrategy(
         wrapped=wrapped, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
-        grad_clip=config.train.grad_clip, kind=config.parallel.strategy,
+        grad_clip=config.train.grad_clip, kind=config.parallel.strategy, tensor_parallel=tp_mesh is not None,
     )

@@ -23,6 +23,10 @@ from torch.distributed.tensor import DTensor
 
 from sfd_train.config.schema import OptimizerConfig
 from sfd_train.engine.optim import apply_optimizer_config
+from sfd_train.engine.tensor_parallel import (
+    from_checkpoint_view,
+    to_checkpoint_view,
+)
 
 WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -79,10 +83,6 @@ class Strategy:
         """After a resume: the optimizer and schedule follow ``config``, not the checkpoint's settings."""
         apply_optimizer_config(self.optimizer, self.scheduler, config)
 
-    def full_state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Unsharded CPU state dicts ``(model, ema)`` with published names (collective)."""
-        raise NotImplementedError
-
 
 class _ModelState:
     """DCP-Stateful view of a (possibly sharded) model."""
@@ -91,10 +91,10 @@ class _ModelState:
         self.model = model
 
     def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.model)
+        return to_checkpoint_view(get_model_state_dict(self.model))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state, options=StateDictOptions(strict=True))
+        set_model_state_dict(self.model, from_checkpoint_view(state), options=StateDictOptions(strict=True))
 
 
 class _OptimizerState:
@@ -105,22 +105,24 @@ class _OptimizerState:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "optimizer": get_optimizer_state_dict(self.model, self.optimizer),
+            "optimizer": to_checkpoint_view(get_optimizer_state_dict(self.model, self.optimizer)),
             "scheduler": self.scheduler.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        set_optimizer_state_dict(self.model, self.optimizer, from_checkpoint_view(state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
 
 
 class TorchStrategy(Strategy):
     """DDP or FSDP2 with a torch optimizer; the EMA is a module sharded like the model."""
 
-    def __init__(self, wrapped, model, ema, optimizer, scheduler, grad_clip: float, kind: str):
+    def __init__(self, wrapped, model, ema, optimizer, scheduler, grad_clip: float, kind: str,
+                 tensor_parallel: bool = False):
         self.wrapped, self.model, self.ema = wrapped, model, ema
         self.optimizer, self.scheduler = optimizer, scheduler
         self.grad_clip, self.kind = grad_clip, kind
+        self.tensor_parallel = tensor_parallel
         ema_params = dict(ema.named_parameters())
         self._pairs = [(p, ema_params[clean_name(n)]) for n, p in model.named_parameters() if p.requires_grad]
         self.ema.eval()
@@ -137,9 +139,16 @@ class TorchStrategy(Strategy):
 
     def step(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
+        if self.tensor_parallel:
+            norm = global_grad_norm(params)
+            if self.grad_clip > 0:
+                # torch's clip_grad_norm_ formula, applied to the local tensors.
+                scale = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
+                torch._foreach_mul_([local_tensor(p.grad) for p in params], scale)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+            if isinstance(norm, DTensor):
+                norm = norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -167,9 +176,30 @@ class TorchStrategy(Strategy):
             "optim": _OptimizerState(self.model, self.optimizer, self.scheduler),
         }
 
-    def full_state_dicts(self):
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd = {clean_name(k): v for k, v in get_model_state_dict(self.model, options=options).items()}
-        ema_sd = get_model_state_dict(self.ema, options=options)
-        return model_sd, ema_sd
+
+def global_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all gradients, each element counted once, with one all-reduce.
+
+    Under tensor parallel the gradients live on different meshes (FSDP's data-parallel mesh for
+    replicated layers, the 2-D (data, tp) mesh for split ones), which torch's clip_grad_norm_
+    cannot combine; here each rank adds the squares of its local elements, divided by the number
+    of ranks that hold a copy of them.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    total = torch.zeros((), dtype=torch.float64, device=params[0].device)
+    for p in params:
+        grad = p.grad
+        copies = world
+        if isinstance(grad, DTensor):
+            mesh = grad.device_mesh
+            copies = world // mesh.size()
+            for dim, placement in enumerate(grad.placements):
+                if placement.is_replicate():
+                    copies *= mesh.size(dim)
+            grad = grad.to_local()
+        total += grad.detach().double().square().sum() / copies
+    dist.all_reduce(total)
+    return total.sqrt().float()
 

@@ -115,8 +115,11 @@ class Trainer:
         self.run_dir = Path(config.run.output_dir)
         self.run_lock = lock_run_folder(self.run_dir, world.is_main, world.control_group)
         train = config.train
-        self.accumulation = train.accumulation_steps(world.world_size)
-        self.micro_batch = train.per_rank_batch(world.world_size)
+        # The ranks of a tensor-parallel group work on the same samples.
+        self.data_world = config.parallel.data_world(world.world_size)
+        self.data_rank = config.parallel.data_rank(world.rank, world.world_size)
+        self.accumulation = train.accumulation_steps(self.data_world)
+        self.micro_batch = train.per_rank_batch(self.data_world)
         torch.manual_seed(train.seed + world.rank)  # per-rank seed for anything not drawn per step
         random.seed(train.seed + world.rank)
         np.random.seed(train.seed + world.rank)
@@ -125,7 +128,7 @@ class Trainer:
         try:
             self.loader = build_loader(
                 config.data, global_batch_size=train.global_batch_size, micro_batch_size=self.micro_batch,
-                rank=world.rank, world_size=world.world_size, seed=train.seed,
+                rank=self.data_rank, world_size=self.data_world, seed=train.seed,
                 pin_memory=self.device.type != "cpu", **task_type.loader_options(config),
             )
         except ManifestError as err:
@@ -237,7 +240,7 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         for micro in range(self.accumulation):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
-            start = self.world.rank * self.micro_batch * self.accumulation + micro * self.micro_batch
+            start = self.data_rank * self.micro_batch * self.accumulation + micro * self.micro_batch
             rows = slice(start, start + batch["y"].shape[0])
             last = micro == self.accumulation - 1
             with self.strategy.accumulate(last):
@@ -264,7 +267,7 @@ class Trainer:
                 f"training {_model_name(config)} ({sum(p.numel() for p in self.strategy.model.parameters()) / 1e6:.1f}M "
                 f"params on this rank) with {_layout(config, self.world.world_size)} on {self.world.world_size} x "
                 f"{devices.device_name(self.device)}: global batch {config.train.global_batch_size} = "
-                f"{self.micro_batch} x {self.world.world_size} ranks x {self.accumulation} accumulation"
+                f"{self.micro_batch} x {self.data_world} data-parallel ranks x {self.accumulation} accumulation"
             )
         while self.step < config.train.max_steps:
             reason = self.watcher.should_stop()
@@ -346,10 +349,16 @@ class Trainer:
 
 def _layout(config: Config, world_size: int) -> str:
     """The strategy, and the mesh when it is not one flat group."""
-    replicate, shard, _ = config.parallel.mesh_shape(world_size)
+    replicate, shard, tp = config.parallel.mesh_shape(world_size)
+    parts = []
     if replicate > 1:
-        return f"{config.parallel.strategy} (HSDP: {replicate} replicas x {shard} shards)"
-    return config.parallel.strategy
+        kind = "ZeRO++ hpZ" if config.parallel.strategy == "zero3" else "HSDP"
+        parts.append(f"{kind}: {replicate} replicas x {shard} shards")
+    elif tp > 1:
+        parts.append(f"{shard} shards")
+    if tp > 1:
+        parts.append(f"tensor parallel {tp}")
+    return f"{config.parallel.strategy} ({', '.join(parts)})" if parts else config.parallel.strategy
 
 
 def _model_name(config) -> str:

@@ -39,6 +39,11 @@ def deepspeed_config(config: Config, world_size: int, device_type: str) -> dict[
     zero: dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": device_type != "cpu"}
     if stage == 3:
         zero.update({"stage3_gather_16bit_weights_on_model_save": False})
+        replicate, shard, _ = config.parallel.mesh_shape(world_size)
+        if replicate > 1:
+            # ZeRO++ hierarchical partitioning: the forward/backward gathers read a copy of the
+            # parameters sharded inside each group of `shard` ranks (a node), not across all ranks.
+            zero["zero_hpz_partition_size"] = shard
     generated = {
         "train_batch_size": config.train.global_batch_size,
         "train_micro_batch_size_per_gpu": config.train.per_rank_batch(world_size),

@@ -79,9 +79,11 @@ class TrainingEvaluator:
 
         config, eval_config = self.config, self.eval
         world, rank = trainer.world.world_size, trainer.world.rank
+        # The ranks of a tensor-parallel group compute the same samples together.
+        data_world, data_rank = trainer.data_world, trainer.data_rank
         # The same number of batches on every rank: a sharded model's forward is a collective.
-        per_rank = -(-eval_config.num_samples // world)
-        indices = np.arange(rank * per_rank, (rank + 1) * per_rank)
+        per_rank = -(-eval_config.num_samples // data_world)
+        indices = np.arange(data_rank * per_rank, (data_rank + 1) * per_rank)
         job = SamplingJob(num=eval_config.num_samples, seed=eval_config.seed)
         shape = (config.model.in_channels, config.model.input_size, config.model.input_size)
         ema = trainer.strategy.ema_for_sampling()
@@ -102,7 +104,8 @@ class TrainingEvaluator:
             torch.distributed.gather_object(mine, gathered, dst=0, group=trainer.world.control_group)
             if rank != 0:
                 return None
-            mine = {name: np.concatenate([g[name] for g in gathered]) for name in mine}
+            firsts = gathered[:: world // data_world]  # one rank of each tensor-parallel group
+            mine = {name: np.concatenate([g[name] for g in firsts]) for name in mine}
         return mine
 
     def _score(self, pictures: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:

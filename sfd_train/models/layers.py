@@ -95,13 +95,15 @@ class Attention(nn.Module):
         self._qk_norm_rope = ops.qk_norm_rope if isinstance(self.q_norm, RMSNorm) else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        batch, tokens, dim = x.shape
+        batch, tokens, _ = x.shape
+        # The heads follow from the weight, so a module holding a slice of them computes that slice.
+        heads = self.qkv.weight.shape[0] // (3 * self.head_dim)
         if self._qk_norm_rope is not None:
             # The op applies the qkv Linear itself, so that a fused kernel can take its bias.
-            q, k, v = self._qk_norm_rope(x, self.qkv.weight, self.qkv.bias, self.num_heads, self.q_norm.weight,
+            q, k, v = self._qk_norm_rope(x, self.qkv.weight, self.qkv.bias, heads, self.q_norm.weight,
                                          self.k_norm.weight, rope, self.q_norm.eps)
         else:  # LayerNorm or no q/k norm
-            qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+            qkv = self.qkv(x).reshape(batch, tokens, 3, heads, self.head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
             if rope is not None:
@@ -109,7 +111,7 @@ class Attention(nn.Module):
                 q = self._apply_rope(q, *rope).to(v.dtype)
                 k = self._apply_rope(k, *rope).to(v.dtype)
         out = self._attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, heads * self.head_dim))
 
 
 class SwiGLU(nn.Module):
