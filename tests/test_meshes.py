@@ -1,5 +1,9 @@
 """Device meshes from config: hybrid sharding (HSDP, ZeRO++ hpZ) and tensor parallel composed with FSDP2."""
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 
 from sfd_train.config import ConfigError, build_config
@@ -45,12 +49,23 @@ def test_bad_degrees_are_refused(parallel, key):
 STEPS = 10
 
 
+def layout_run(tmp_path: Path, name: str, overrides: list[str], nproc: int = 4) -> Path:
+    """A STEPS-step run (checkpoint every 2 steps) on ``nproc`` ranks; returns its folder."""
+    config = write_config(tmp_path / f"{name}.yaml", train={"max_steps": STEPS}, checkpoint={"every": 2})
+    train(config, [f"run.output_dir={tmp_path / name}", *overrides], nproc=nproc)
+    return tmp_path / name
+
+
+@pytest.fixture(scope="module")
+def hsdp_reference(tmp_path_factory):
+    return layout_run(tmp_path_factory.mktemp("hsdp"), "reference", ["parallel.dp_replicate=2"])
+
+
 @pytest.mark.slow
-def test_hsdp_killed_and_resumed_is_bitwise_identical(tmp_path):
+def test_hsdp_killed_and_resumed_is_bitwise_identical(tmp_path, hsdp_reference):
     config = write_config(tmp_path / "job.yaml", parallel={"strategy": "fsdp2", "dp_replicate": 2},
                           train={"max_steps": STEPS}, checkpoint={"every": 2})
-    reference_dir, resumed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
-    train(config, [f"run.output_dir={reference_dir}"], nproc=4)
+    resumed_dir = tmp_path / "killed"
     proc = start(config, [f"run.output_dir={resumed_dir}"], nproc=4, log=tmp_path / "killed.log")
     wait_for(lambda: any(s >= 4 for s in committed(resumed_dir)), what="a checkpoint at step >= 4", proc=proc)
     kill_run(proc)
@@ -58,25 +73,51 @@ def test_hsdp_killed_and_resumed_is_bitwise_identical(tmp_path):
     assert killed_at < STEPS
     result = train(config, [f"run.output_dir={resumed_dir}"], nproc=4)
     assert "resumed from" in result.stdout + result.stderr
-    expected = exported(reference_dir, tmp_path / "a.pt")
+    expected = exported(hsdp_reference, tmp_path / "a.pt")
     actual = exported(resumed_dir, tmp_path / "b.pt")
     for part in ("model", "ema"):
         different = [k for k in expected[part] if not torch.equal(expected[part][k], actual[part][k])]
         assert not different, f"{part}: {len(different)} tensors differ, e.g. {different[:3]}"
 
 
-@pytest.mark.slow
-def test_a_hsdp_checkpoint_resumes_on_a_flat_mesh(tmp_path):
-    """Saved on (dp_replicate 2, dp_shard 2), resumed on dp_shard 2: the same losses after."""
-    config = write_config(tmp_path / "job.yaml", train={"max_steps": STEPS}, checkpoint={"every": 5})
-    reference_dir, resharded_dir = tmp_path / "reference", tmp_path / "resharded"
-    train(config, [f"run.output_dir={reference_dir}", "parallel.dp_replicate=2"], nproc=4)
-    train(config, [f"run.output_dir={resharded_dir}", "parallel.dp_replicate=2", "train.max_steps=5"], nproc=4)
-    result = train(config, [f"run.output_dir={resharded_dir}", "parallel.dp_shard=2"], nproc=2)
+def rewound_copy(run_dir: Path, step: int, to: Path) -> Path:
+    """A copy of a finished run as it was at ``step``: later checkpoints and metrics removed (so a
+    resume must write them again)."""
+    shutil.copytree(run_dir, to)
+    for folder in (to / "checkpoints").glob("step_*"):
+        if int(folder.name.split("_")[1]) > step:
+            shutil.rmtree(folder)
+    metrics = to / "metrics.jsonl"
+    kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    metrics.write_text("".join(line + "\n" for line in kept))
+    return to
+
+
+def resumes_on_another_layout(tmp_path: Path, reference: Path, resumed_with: list[str], nproc: int) -> None:
+    """A copy of the 4-rank ``reference`` rewound to step 4 resumes on ``nproc`` ranks with
+    ``resumed_with``: steps 5.. must have the reference's losses."""
+    resharded_dir = rewound_copy(reference, 4, tmp_path / "resharded")
+    assert max(losses(resharded_dir)) == 4
+    config = write_config(tmp_path / "job.yaml", train={"max_steps": STEPS}, checkpoint={"every": 2})
+    result = train(config, [f"run.output_dir={resharded_dir}", *resumed_with], nproc=nproc)
     assert "written by 4 ranks" in result.stdout + result.stderr
-    ref, res = losses(reference_dir), losses(resharded_dir)
-    for step in range(6, STEPS + 1):
+    ref, res = losses(reference), losses(resharded_dir)
+    assert sorted(res) == list(range(1, STEPS + 1))
+    for step in range(5, STEPS + 1):
         assert res[step] == pytest.approx(ref[step], rel=2e-5), step
+
+
+@pytest.mark.slow
+def test_a_hsdp_checkpoint_resumes_on_a_flat_mesh(tmp_path, hsdp_reference):
+    """Saved on (dp_replicate 2, dp_shard 2), resumed on dp_shard 2: the same losses after."""
+    resumes_on_another_layout(tmp_path, hsdp_reference, ["parallel.dp_shard=2"], nproc=2)
+
+
+@pytest.mark.slow
+def test_a_tp2_checkpoint_resumes_with_tp1(tmp_path):
+    """Saved with tp 2 x dp_shard 2, resumed with tp 1 on dp_shard 2: the same losses after."""
+    reference = layout_run(tmp_path, "reference", ["parallel.tp=2"])
+    resumes_on_another_layout(tmp_path, reference, [], nproc=2)
 
 
 def test_tensor_parallel_groups_share_their_samples():
@@ -136,17 +177,3 @@ def test_layout_follows_the_single_process_trajectory(tmp_path, single_process, 
         for part in ("model", "ema"):
             for key, value in ref[part].items():
                 torch.testing.assert_close(mine[part][key], value, rtol=1e-4, atol=1e-6, msg=f"{part} {key}")
-
-
-@pytest.mark.slow
-def test_a_tp2_checkpoint_resumes_with_tp1(tmp_path):
-    """Saved with tp 2 x dp_shard 2, resumed with tp 1 on dp_shard 2: the same losses after."""
-    config = write_config(tmp_path / "job.yaml", train={"max_steps": STEPS}, checkpoint={"every": 5})
-    reference_dir, resharded_dir = tmp_path / "reference", tmp_path / "resharded"
-    train(config, [f"run.output_dir={reference_dir}", "parallel.tp=2"], nproc=4)
-    train(config, [f"run.output_dir={resharded_dir}", "parallel.tp=2", "train.max_steps=5"], nproc=4)
-    result = train(config, [f"run.output_dir={resharded_dir}"], nproc=2)
-    assert "written by 4 ranks" in result.stdout + result.stderr
-    ref, res = losses(reference_dir), losses(resharded_dir)
-    for step in range(6, STEPS + 1):
-        assert res[step] == pytest.approx(ref[step], rel=2e-5), step
