@@ -196,6 +196,15 @@ def versus_no_lead(summary: dict, dts: list[float]) -> dict:
     return out
 
 
+def _save(fig, path: Path) -> None:
+    """Writes a finished figure and frees it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot(runs: list[dict], summary: dict, dts: list[float], out: Path) -> None:
     import matplotlib
 
@@ -214,9 +223,7 @@ def plot(runs: list[dict], summary: dict, dts: list[float], out: Path) -> None:
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "fid_vs_dt.png")
-    plt.close(fig)
+    _save(fig, out / "fid_vs_dt.png")
 
     fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=120)
     for dt in dts:
@@ -235,9 +242,7 @@ def plot(runs: list[dict], summary: dict, dts: list[float], out: Path) -> None:
     ax.set_title("FID against step (mean +- std over seeds)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "fid_vs_step.png")
-    plt.close(fig)
+    _save(fig, out / "fid_vs_step.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
     for ax, part, title in ((axes[0], "texture", "texture error at t_tex (semantics at min(t_tex + dt, 1))"),
@@ -250,9 +255,7 @@ def plot(runs: list[dict], summary: dict, dts: list[float], out: Path) -> None:
         ax.set_title(title, fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "part_errors.png")
-    plt.close(fig)
+    _save(fig, out / "part_errors.png")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -155,7 +155,9 @@ def local_rows(t: DTensor) -> torch.Tensor:
         if isinstance(placements[dim], Replicate):
             continue
         if placements[dim].dim != 0:
-            raise NotImplementedError(f"a split-by-parts tensor sharded on dim {placements[dim].dim}")
+            # apply_tensor_parallel never builds this (FSDP2 shards dim 0); say so rather than guess.
+            raise ValueError(f"a split-by-parts tensor is also sharded on dim {placements[dim].dim}: not a layout "
+                             "this module builds")
         chunks = rows.chunk(mesh.size(dim))
         rows = chunks[coordinate[dim]] if coordinate[dim] < len(chunks) else rows[:0]
     local = t.to_local()
