@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from sfd_train.config import Config, ConfigError, from_mapping, load_config, to_dict
 from sfd_train.config.base import describe
+from sfd_train.config.loader import parse_args_with_overrides
 from sfd_train.launchers import ascend, local, slurm
 from sfd_train.launchers.config import LauncherConfig
 from sfd_train.launchers.job import Job, build_job
@@ -208,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if mode not in MODES:
         print(f"usage: {USAGE}\nsfd-launch: error: unknown mode {mode!r} (choose local, slurm or ascend)", file=sys.stderr)
         return 2
-    args = _parser(mode).parse_intermixed_args(argv[1:])
+    args = parse_args_with_overrides(_parser(mode), argv[1:])
     try:
         config = apply_flags(load_config(args.config, args.overrides), args)
         return {"local": _local, "slurm": _slurm, "ascend": _ascend}[mode](config, args)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 
-def export_main(argv: list[str]) -> int:
+def build_export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sfd-train export",
         description="Write a checkpoint's weights in the published form {'model', 'ema', 'config'} "
@@ -14,7 +14,11 @@ def export_main(argv: list[str]) -> int:
     )
     parser.add_argument("checkpoint", help="a checkpoint folder (step_*), or a run folder or its checkpoints/ folder (the newest complete checkpoint)")
     parser.add_argument("--out", required=True, help="the .pt file to write")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def export_main(argv: list[str]) -> int:
+    args = build_export_parser().parse_args(argv)
     from sfd_train.data_pipeline.storage import url_output_error
     from sfd_train.engine.checkpoint import CheckpointError
     from sfd_train.engine.weights import export_published

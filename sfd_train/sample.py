@@ -1,4 +1,4 @@
-"""Sample from a trained SFD model: ``sfd-sample CHECKPOINT [key=value ...]``.
+"""Sample from a trained SFD model: ``sfd-sample CHECKPOINT [key=value ...] [options]``.
 
 CHECKPOINT is one of our run folders / checkpoint folders, or a published ``.pt`` (then give
 the model's config with ``--config``). Two modes:
@@ -11,6 +11,7 @@ Pictures: the texture part is decoded by the texture VAE (``--vae``, with the tr
 statistics or ``--stats``), or by the synthetic set's decoder for models trained on it. Every
 sampler setting of the published inference configs is a ``sampler.*`` override: solver
 (euler/heun/dopri5), steps, guidance per part and interval, timestep shift, autoguidance.
+Overrides (``section.key=value``) may stand anywhere among the options.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from pathlib import Path
 import torch
 
 from sfd_train.config import ConfigError, build_config, load_config
-from sfd_train.config.loader import parse_overrides
+from sfd_train.config.loader import parse_args_with_overrides, parse_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sfd-sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  sfd-sample outputs/tiny sampler.cfg_scale_tex=2.0 --labels 0 1 2 3 --out samples.png\n"
+        epilog="examples:\n  sfd-sample outputs/tiny --labels 0 1 2 3 sampler.cfg_scale_tex=2.0 --out samples.png\n"
         "  sfd-sample sfd_xl.pt --config configs/sfd_xl.yaml --vae ldm-f16d32.ckpt --stats latents_stats.pt \\\n"
         "      sampler.autoguidance_checkpoint=sfd_b.pt sampler.cfg_scale_sem=1.5 sampler.cfg_scale_tex=1.5\n"
         "  torchrun --nproc-per-node 8 -m -- sfd_train.sample /ckpt/sfd_xl --num 50000 --out /samples/xl --vae V "
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(under torchrun, '--' before the module keeps torchrun's own --numa-binding from taking --num)",
     )
     parser.add_argument("checkpoint", help="run folder, checkpoint folder, or published .pt")
-    parser.add_argument("overrides", nargs="*", help="section.key=value (sampler.*, model.*)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value (sampler.*, model.*), anywhere among the options")
     parser.add_argument("--config", help="config of the model when the checkpoint does not carry one")
     parser.add_argument("--labels", type=int, nargs="*", help="grid: class labels to sample (default: 0..7)")
     parser.add_argument("--num", type=int, help="sample set: how many images (writes OUT/samples.npz)")
@@ -94,7 +95,7 @@ def _models(args, config, model_state, ema_state, device):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args_with_overrides(build_parser(), argv)
     from sfd_train.data_pipeline.storage import url_output_error
     from sfd_train.engine.checkpoint import CheckpointError
     from sfd_train.engine.weights import read_checkpoint_weights

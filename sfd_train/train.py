@@ -13,6 +13,7 @@ import logging
 import sys
 
 from sfd_train.config import ConfigError, config_help, load_config
+from sfd_train.config.loader import parse_args_with_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args_with_overrides(build_parser(), argv)
     if args.help_config:
         try:
             print(config_help(args.help_config))

@@ -25,8 +25,9 @@ def trained(tmp_path_factory):
 
 
 def _sample_command(run_dir, out, nproc=1, *extra):
-    args = [str(run_dir), "sampler.num_steps=4", "--num", str(NUM), "--chunk", str(CHUNK), "--batch-size", str(BATCH),
-            "--out", str(out), "--quiet", *extra]
+    # the override after the options, as in the README (issue 26)
+    args = [str(run_dir), "--num", str(NUM), "--chunk", str(CHUNK), "--batch-size", str(BATCH),
+            "--out", str(out), "--quiet", *extra, "sampler.num_steps=4"]
     if nproc == 1:
         return [sys.executable, "-m", "sfd_train.sample", *args]
     # "--" ends torchrun's options: its --numa-binding would take --num as an abbreviation.
@@ -74,6 +75,20 @@ def test_a_killed_job_restarted_gives_the_same_set(trained, one_rank, tmp_path):
     _run(_sample_command(trained, out))
     with np.load(one_rank / "samples.npz") as a, np.load(out / "samples.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_overrides_stand_anywhere_among_the_options(capsys):
+    from sfd_train.config.loader import parse_args_with_overrides
+    from sfd_train.sample import build_parser, main
+
+    args = parse_args_with_overrides(build_parser(), [
+        "RUN", "sampler.seed=3", "--labels", "1", "2", "sampler.method=heun", "--out", "g.png", "--device", "auto",
+        "sampler.method=dopri5"])
+    assert (args.checkpoint, args.labels, args.out, args.device) == ("RUN", [1, 2], "g.png", "auto")
+    assert args.overrides == ["sampler.seed=3", "sampler.method=heun", "sampler.method=dopri5"]  # the last one wins
+    with pytest.raises(SystemExit) as exit:
+        main(["RUN", "--num", "4", "bogus", "--out", "DIR", "sampler.seed=1"])
+    assert exit.value.code == 2 and "'bogus' is neither an option nor an override" in capsys.readouterr().err
 
 
 def test_other_settings_in_the_same_folder_are_refused(trained, one_rank):

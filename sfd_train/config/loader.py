@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
+import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 from omegaconf import OmegaConf
@@ -89,16 +92,55 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+# What an override looks like on a command line: a dotted key of names, '=', then any value.
+OVERRIDE = re.compile(r"[A-Za-z_][\w-]*(?:\.[\w-]+)*=")
+
+
 def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
     """Parses ``section.key=value`` items (values in YAML syntax) into a nested mapping."""
     overrides = list(overrides)
     for item in overrides:
-        if "=" not in item or item.startswith("="):
+        if not OVERRIDE.match(item):
             raise ConfigError(item, "an override must look like section.key=value")
+        try:
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as err:  # OmegaConf lets the YAML reader's errors through
+            key, _, value = item.partition("=")
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(key, f"the value {value!r} is not valid YAML ({problem}); a string YAML cannot read "
+                              f"goes in quotes: {key}=\"'{value}'\"") from None
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(overrides), resolve=True)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         raise ConfigError("", f"cannot parse overrides {overrides}: {err}") from None
+
+
+def parse_args_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+                              dest: str = "overrides") -> argparse.Namespace:
+    """Parses a command line whose ``section.key=value`` overrides may stand anywhere among the options.
+
+    Every word that looks like an override (:data:`OVERRIDE`) is one, wherever it stands, so an
+    option taking several values (``--labels 0 1``) never swallows it; the other words go to
+    ``parser.parse_intermixed_args``. A positional word left over for ``dest`` (the parser's
+    positional for overrides) is no override: a usage error naming it. ``namespace.<dest>`` gets
+    the overrides in their order (the last of a key wins).
+
+    Args:
+        parser: the command's parser, with a ``nargs="*"`` positional ``dest`` for the overrides.
+        argv: the words after the program name (default ``sys.argv[1:]``).
+        dest: the name of that positional.
+
+    Returns:
+        The namespace, as ``parser.parse_args`` would return it.
+    """
+    words = list(sys.argv[1:] if argv is None else argv)
+    overrides = [word for word in words if OVERRIDE.match(word)]
+    args = parser.parse_intermixed_args([word for word in words if not OVERRIDE.match(word)])
+    stray = getattr(args, dest)
+    if stray:
+        parser.error(f"{stray[0]!r} is neither an option nor an override (overrides look like section.key=value)")
+    setattr(args, dest, overrides)
+    return args
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
