@@ -57,7 +57,7 @@ def main() -> None:
 
     def train_step() -> None:
         start = time.perf_counter()
-        velocity, projection = strategy.wrapped(x, t, t, y)
+        velocity, projection = strategy.wrapped(x, t, t, y, with_projection=True)
         (velocity.square().mean() + projection.square().mean()).backward()
         manager.wait_for_staging()
         strategy.step()

@@ -10,7 +10,7 @@ Sections (all forward + backward unless noted, random inputs):
                 and the bias gradient;
                 the reference composition vs the separate Triton kernels vs the fused kernel
                 (``--qk-tiles`` times other tiles of the fused kernel)
-  add_rms_norm  a block's gated residual x + gate * branch with the next RMSNorm + modulation, (32, 256, 1152):
+  add_rms_norm  a block's attention residual x + gate * branch with norm2 + modulation, (32, 256, 1152):
                 fp32 stream, bf16 branch, gate and output under autocast, as in the model; the reference
                 composition vs the separate Triton norm vs the fused kernel (``--norm-bwd-tiles``
                 times other tiles of the norm backward)

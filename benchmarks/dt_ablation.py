@@ -126,7 +126,8 @@ def part_errors(run_dir: Path) -> dict:
         for part, (t_tex, t_sem) in (("texture", (t, min(t + dt, 1.0))), ("semantic", (max(t - dt, 0.0), t))):
             tex = torch.full((len(x),), t_tex)
             sem = torch.full((len(x),), t_sem)
-            velocity = model(interpolate(x, noise, per_channel_time(tex, sem, channels, semantic)), tex, sem, labels)
+            velocity = model(interpolate(x, noise, per_channel_time(tex, sem, channels, semantic)), tex, sem, labels,
+                             with_projection=False)
             part_slice = slice(0, channels - semantic) if part == "texture" else slice(channels - semantic, channels)
             errors[part][f"{t:g}"] = float(((velocity - target)[:, part_slice] ** 2).mean())
     return errors

@@ -17,8 +17,8 @@ installed stack, so a forward pass has no per-call branching on the backend.
 
 ``qk_norm_rope`` is the attention's input stage (q/k RMSNorm, RoPE, split into heads):
 ``separate`` composes the rms_norm and rope choices above. ``swiglu`` is the MLP's input stage,
-the w12 Linear and the gate ``silu(x1) * x2`` (the fused gate also takes the Linear's bias). ``add_rms_norm`` is a block's pending gated residual ``x + gate * branch``
-with the next pre-norm and modulation (``separate`` composes the rms_norm choice). Their ``triton`` choices are one kernel each way that stays a kernel
+the w12 Linear and the gate ``silu(x1) * x2`` (the fused gate also takes the Linear's bias). ``add_rms_norm`` is, inside each block, the attention's gated residual ``x + gate * attn``
+with ``norm2`` and the MLP's modulation (``separate`` composes the rms_norm choice). Their ``triton`` choices are one kernel each way that stays a kernel
 inside torch.compile too (``inside_compile`` does not apply: they exist to replace what
 Inductor generates between two GEMMs, or a GEMM and the attention).
 

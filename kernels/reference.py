@@ -49,7 +49,9 @@ def add_rms_norm_modulate(
     *,
     norm_modulate=rms_norm_modulate,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A block's pending gated residual, then the next pre-norm: ``(x_new, norm_modulate(x_new))``.
+    """A gated residual, then the norm that reads the stream next: ``(x_new, norm_modulate(x_new))``.
+
+    In the model: the attention's output added inside a block, then ``norm2``.
 
     Args:
         x: ``(B, N, D)``, the residual stream.

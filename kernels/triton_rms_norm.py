@@ -14,11 +14,12 @@ scale and the shift on and off)::
   result is deterministic. It holds a row in registers as two power-of-two pieces (1152 =
   1024 + 128), not one padded to 2048: at XL's width that cuts its registers by about 40%, so
   the loads in flight per multiprocessor double (tests/test_kernels_sm90.py).
-- The residual form exists for the model's block boundaries: each attention or MLP output is
-  added to the stream by the norm that reads the stream next. Its backward takes the norm's
-  gradient and the stream's own, and returns those of x, branch and gate in the same pass.
-  Inside the compiled XL step Inductor spent about 6 ms per step on these backwards and the
-  per-sample sums (benchmarks/NOTES.md); its bytes (18 per element) allow about 3.
+- The residual form serves the one residual add inside a block that a norm reads next: the
+  attention's gated output added to the stream, then ``norm2`` with the MLP's modulation. Its
+  backward takes the norm's gradient and the stream's own, and returns those of x, branch and
+  gate in the same pass. Inside the compiled XL step Inductor spent about 6 ms per step on such
+  backwards and the per-sample sums at both residual adds (benchmarks/NOTES.md); its bytes
+  (18 per element) allow about half that.
 - x may be a strided view (the model's q/k are split from ``qkv`` by a permute): up to
   three leading dimensions are addressed with their own strides, so no copy is made.
 

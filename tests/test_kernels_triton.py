@@ -403,8 +403,8 @@ def check_model(device, autocast_dtype=None, fused=False, compile_backend=None):
     from sfd_train.kernels import REFERENCE_OPS, KernelOps, qk_norm_rope, rope, swiglu, triton_rms_norm
     from sfd_train.models import build_model
 
-    # Three blocks with REPA after the first: the stream is added by the fused op in block 3 and
-    # the final layer, and by the projector's explicit add after block 1.
+    # Three blocks with REPA after the first: the fused op adds each block's attention output and
+    # normalises for its MLP; the projector reads the stream after block 1.
     cfg = ModelConfig(size="custom", depth=3, hidden_size=96, num_heads=6, input_size=4, num_classes=10,
                       repa_projector_dim=32, repa_depth=1)
     ops = KernelOps(

@@ -92,7 +92,8 @@ def loss_terms(
     """Per-sample loss terms ``{"mse", "cos", "repa"}`` (``repa`` only with features).
 
     Args:
-        model: the network in training mode, returning ``(velocity, projection)``.
+        model: the network (or its parallel wrapper); called with ``with_projection=True``, it
+            returns ``(velocity, projection)`` in either mode.
         x_data: clean composite latents ``(B, C, H, W)``.
         inputs: noise, global times and labels from :func:`draw_loss_inputs`.
         features: REPA targets ``(B, D, H', W')`` or None.
@@ -103,7 +104,7 @@ def loss_terms(
     t = per_channel_time(t_tex, t_sem, channels, semantic_channels).to(x_data.dtype)
     x_t = interpolate(x_data, inputs.noise, t)
     target = x_data - inputs.noise
-    velocity, projection = model(x_t, t_tex, t_sem, inputs.labels)
+    velocity, projection = model(x_t, t_tex, t_sem, inputs.labels, with_projection=True)
     velocity = velocity.float()
     weights = channel_weights(channels, semantic_channels, semantic_weight, x_data.device)
     terms = {

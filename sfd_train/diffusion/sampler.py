@@ -53,7 +53,7 @@ class VelocityField:
     """The composite velocity at global time ``s``, guidance included.
 
     Args:
-        model: the main network in eval mode, ``model(x, t_tex, t_sem, y) -> velocity``.
+        model: the main network, called as ``model(x, t_tex, t_sem, y, with_projection=False) -> velocity``.
         labels: class labels ``(B,)``.
         delta_t: the semantic-first offset.
         semantic_channels: how many of the last channels are semantic.
@@ -90,15 +90,15 @@ class VelocityField:
         t_tex, t_sem = part_times(s, self.delta_t)
         g = self.guidance
         if g is None:
-            return self.model(x, t_tex, t_sem, self.labels)
+            return self.model(x, t_tex, t_sem, self.labels, with_projection=False)
         if g.guide_model is not None:
-            cond = self.model(x, t_tex, t_sem, self.labels)
-            uncond = g.guide_model(x, t_tex, t_sem, self.labels)
+            cond = self.model(x, t_tex, t_sem, self.labels, with_projection=False)
+            uncond = g.guide_model(x, t_tex, t_sem, self.labels, with_projection=False)
         else:
             # One batched pass for both branches, as the published sampler does.
             both = self.model(
                 torch.cat([x, x]), torch.cat([t_tex, t_tex]), torch.cat([t_sem, t_sem]),
-                torch.cat([self.labels, torch.full_like(self.labels, g.null_class)]),
+                torch.cat([self.labels, torch.full_like(self.labels, g.null_class)]), with_projection=False,
             )
             cond, uncond = both.chunk(2)
         return uncond + self._split_scale(x, t_tex, t_sem) * (cond - uncond)
@@ -181,7 +181,7 @@ def sample(
     """Integrates from noise (global time 0) to data (global time ``1 + dt``).
 
     Args:
-        model: the network in eval mode.
+        model: the network (asked for the velocity alone, so its train/eval mode does not matter).
         noise: initial composite latents ``(B, C, H, W)``.
         labels: class labels ``(B,)``.
         delta_t, semantic_channels: as the model was trained.

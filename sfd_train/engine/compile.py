@@ -2,10 +2,9 @@
 
 Two scopes:
 
-- ``blocks``: every block becomes its own graph, as in torchtitan. Two compiled graphs
-  serve all blocks of a size (a block with no residual pending from the one before it:
-  the first, and the one after the REPA projector; and every other), and they compose
-  with every sharding strategy.
+- ``blocks``: every block becomes its own graph, as in torchtitan. Blocks map the stream to
+  the stream, so one compiled graph serves all blocks of a size, and it composes with every
+  sharding strategy.
 - ``step``: the function that turns a micro-batch into its loss (noising, the whole
   network, the loss terms and their weighted sum) is compiled as one. Inductor then fuses
   across block boundaries (one block's residual add with the next block's norm) and the

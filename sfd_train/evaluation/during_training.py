@@ -170,15 +170,11 @@ class TrainingEvaluator:
         labels = batch["y"].to(self.device)
         ema = trainer.strategy.ema_for_sampling()
         total = 0.0
-        ema.train()  # training mode also returns the REPA projection; nothing in the model is random
-        try:
-            for tau in VALIDATION_TIMES:
-                inputs = LossInputs(noise=noise, tau=torch.full((len(x),), tau, device=self.device), labels=labels)
-                with trainer.autocast:
-                    terms = objective_terms(ema, x, inputs, features, config.model, config.objective)
-                total += float(combine_terms(terms, config.objective)["loss"])
-        finally:
-            ema.eval()
+        for tau in VALIDATION_TIMES:
+            inputs = LossInputs(noise=noise, tau=torch.full((len(x),), tau, device=self.device), labels=labels)
+            with trainer.autocast:
+                terms = objective_terms(ema, x, inputs, features, config.model, config.objective)
+            total += float(combine_terms(terms, config.objective)["loss"])
         return total / len(VALIDATION_TIMES)
 
     # ------------------------------------------------------------------ both

@@ -12,9 +12,6 @@ from torch import nn
 from sfd_train.kernels import KernelOps
 from sfd_train.kernels.reference import add_gated, modulate
 
-Pending = tuple[torch.Tensor, torch.Tensor]
-"""A branch output and its adaLN gate ``(branch, gate)``, not yet added to the residual stream."""
-
 
 class RMSNorm(nn.Module):
     """RMSNorm with a weight, computed in float32 (eps 1e-6)."""
@@ -35,12 +32,12 @@ class RMSNorm(nn.Module):
         return self._norm_modulate(x, self.weight, shift, scale, self.eps)
 
     def add_modulated(
-        self, x: torch.Tensor, pending: Pending | None, shift: torch.Tensor | None, scale: torch.Tensor
+        self, x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor | None,
+        scale: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adds the pending gated residual to x, then normalises: ``(x_new, modulate(norm(x_new)))``."""
-        if pending is None:
-            return x, self.modulated(x, shift, scale)
-        return self._add_norm_modulate(x, *pending, self.weight, shift, scale, self.eps)
+        """Adds the gated residual, then normalises: ``(x_new, modulate(norm(x_new)))`` with
+        ``x_new = x + gate * branch``, fused where the kernels allow (``kernels.add_rms_norm``)."""
+        return self._add_norm_modulate(x, branch, gate, self.weight, shift, scale, self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -56,15 +53,11 @@ class PlainLayerNorm(nn.LayerNorm):
         return modulate(self(x), shift, scale)
 
     def add_modulated(
-        self, x: torch.Tensor, pending: Pending | None, shift: torch.Tensor | None, scale: torch.Tensor
+        self, x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor | None,
+        scale: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = add_residual(x, pending)
+        x = add_gated(x, branch, gate)
         return x, self.modulated(x, shift, scale)
-
-
-def add_residual(x: torch.Tensor, pending: Pending | None) -> torch.Tensor:
-    """The residual stream with the pending gated branch added (x itself when nothing is pending)."""
-    return x if pending is None else add_gated(x, *pending)
 
 
 def make_norm(dim: int, use_rmsnorm: bool, ops: KernelOps) -> nn.Module:
@@ -145,13 +138,11 @@ class GeluMLP(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """A LightningDiT block with adaLN-Zero modulation.
+    """A LightningDiT block with adaLN-Zero modulation: the residual stream in, the stream out.
 
     ``x += gate_msa * attn(modulate(norm1(x)))``; ``x += gate_mlp * mlp(modulate(norm2(x)))``.
-
-    Each residual add is done by the norm that reads the stream next, so that the two can be one
-    kernel (``kernels.add_rms_norm``): the block takes the previous block's MLP output as
-    ``pending`` and returns its own, for the next block or the final layer to add.
+    The attention's residual add and ``norm2`` are one op (``norm2.add_modulated``), which
+    ``kernels.add_rms_norm`` may fuse; everything else is the plain expression.
     """
 
     def __init__(
@@ -176,29 +167,24 @@ class DiTBlock(nn.Module):
             self.mlp = GeluMLP(dim, int(mlp_ratio * dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (4 if wo_shift else 6) * dim, bias=True))
 
-    def forward(
-        self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-        pending: Pending | None = None,
-    ) -> tuple[torch.Tensor, Pending]:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """
         Args:
             x: ``(B, N, D)``, the residual stream.
             c: ``(B, D)``, the conditioning.
             rope: the RoPE tables, or None.
-            pending: the previous block's ``(mlp output, gate)``, not yet added to x; None for none.
 
         Returns:
-            ``(x, pending)``: the stream after this block's attention residual, and this block's
-            ``(mlp output, gate)``; the block's output in the usual sense is ``add_residual(x, pending)``.
+            ``(B, N, D)``: the stream after this block.
         """
         if self.wo_shift:
             scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
             shift_msa = shift_mlp = None
         else:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x, h = self.norm1.add_modulated(x, pending, shift_msa, scale_msa)
-        x, h = self.norm2.add_modulated(x, (self.attn(h, rope), gate_msa), shift_mlp, scale_mlp)
-        return x, (self.mlp(h), gate_mlp)
+        h = self.norm1.modulated(x, shift_msa, scale_msa)
+        x, h = self.norm2.add_modulated(x, self.attn(h, rope), gate_msa, shift_mlp, scale_mlp)
+        return add_gated(x, self.mlp(h), gate_mlp)
 
 
 class FinalLayer(nn.Module):
@@ -210,10 +196,9 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, pending: Pending | None = None) -> torch.Tensor:
-        """``pending``: the last block's ``(mlp output, gate)``, added to x before the norm."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(self.norm_final.add_modulated(x, pending, shift, scale)[1])
+        return self.linear(self.norm_final.modulated(x, shift, scale))
 
 
 def repa_projector(dim: int, projector_dim: int, feature_dim: int) -> nn.Sequential:

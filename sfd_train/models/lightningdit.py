@@ -23,7 +23,7 @@ from sfd_train.models.embeddings import (
     TimestepEmbedder,
     sincos_2d_table,
 )
-from sfd_train.models.layers import DiTBlock, FinalLayer, add_residual, repa_projector
+from sfd_train.models.layers import DiTBlock, FinalLayer, repa_projector
 
 
 class SFDLightningDiT(nn.Module):
@@ -33,11 +33,9 @@ class SFDLightningDiT(nn.Module):
         config: the model section of the job config (validated here).
         ops: kernel implementations to call (from :func:`sfd_train.kernels.build_kernel_ops`).
 
-    ``forward(x, t_tex, t_sem, y)``: ``x`` is ``(B, C, H, W)``; times are ``(B,)`` in
-    [0, 1]; ``y`` is ``(B,)`` class indices (``num_classes`` = null class). In eval mode
-    returns the velocity ``(B, C, H, W)``; in training mode ``(velocity, repa)`` where
-    ``repa`` is the projection ``(B, tokens, feature_dim)`` after block ``repa_depth``
-    (None without a projector).
+    ``forward(x, t_tex, t_sem, y, with_projection=...)``: see :meth:`forward`. Nothing in the
+    model depends on train/eval mode except which outputs a call without ``with_projection``
+    returns (the published convention).
     """
 
     def __init__(self, config: ModelConfig, ops: KernelOps = REFERENCE_OPS):
@@ -131,19 +129,33 @@ class SFDLightningDiT(nn.Module):
                 f"got {tuple(x.shape)}"
             )
 
-    def forward(self, x: torch.Tensor, t_tex: torch.Tensor, t_sem: torch.Tensor, y: torch.Tensor):
+    def forward(self, x: torch.Tensor, t_tex: torch.Tensor, t_sem: torch.Tensor, y: torch.Tensor, *,
+                with_projection: bool | None = None):
+        """The velocity, and the REPA projection when asked for.
+
+        Args:
+            x: ``(B, C, H, W)``, the noisy composite latent.
+            t_tex, t_sem: ``(B,)`` times in [0, 1].
+            y: ``(B,)`` class indices (``num_classes`` is the null class).
+            with_projection: True returns ``(velocity, projection)``, False the velocity alone,
+                in either mode. None (the default) follows the published model (DESIGN.md §7):
+                True in training mode, False in eval mode. Callers in this project say which.
+
+        Returns:
+            ``velocity`` ``(B, C, H, W)``, or ``(velocity, projection)`` with the projection
+            ``(B, tokens, feature_dim)`` of the stream after block ``repa_depth`` (None without
+            a projector). The velocity is the same either way.
+        """
+        if with_projection is None:
+            with_projection = self.training
         self.check_input(x)
         tokens = self.x_embedder(x) + self.pos_embed
         c = self.embed_time(t_tex, t_sem) + self.y_embedder(y)
         rope = (self.feat_rope.freqs_cos, self.feat_rope.freqs_sin) if self.feat_rope is not None else None
-        repa = pending = None
+        projection = None
         for index, block in enumerate(self.blocks, start=1):
-            tokens, pending = block(tokens, c, rope, pending)
-            if index == self.repa_depth:
-                # The projector reads the stream itself; the next block then has nothing to add
-                # (eval mode does the same, so that both modes compute the same stream).
-                tokens, pending = add_residual(tokens, pending), None
-                if self.training:
-                    repa = self.repa_projector(tokens)
-        velocity = self.unpatchify(self.final_layer(tokens, c, pending))
-        return (velocity, repa) if self.training else velocity
+            tokens = block(tokens, c, rope)
+            if with_projection and index == self.repa_depth:
+                projection = self.repa_projector(tokens)
+        velocity = self.unpatchify(self.final_layer(tokens, c))
+        return (velocity, projection) if with_projection else velocity
