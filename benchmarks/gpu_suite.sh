@@ -31,7 +31,7 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/sfd-inductor-cach
 if [[ "$part" == fetch ]]; then
     mkdir -p "$wheels"
     "$python" -m pip download --no-deps --dest "$wheels" \
-        omegaconf==2.4.0 antlr4-python3-runtime==4.13.2 webdataset==1.0.2 braceexpand==0.1.7
+        omegaconf==2.4.0 antlr4-python3-runtime==4.13.2
     exit 0
 fi
 

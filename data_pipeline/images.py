@@ -11,10 +11,14 @@ Three kinds of SOURCE give a deterministic list of items (an image and its integ
   list file's folder unless absolute; label an integer >= 0; blank lines and ``#`` comments
   ignored).
 * **WebDataset tar shards**: one ``.tar`` or a brace pattern (``data/train-{000000..000009}.tar``),
-  local or ``s3://...``. A sample is a run of members sharing a key (the member name up to the
-  first dot of its base name); its image is the member with an image extension, its label the
-  ``cls`` member (decimal text). The byte offset and size of each image's data in its tar are
-  recorded while listing, so that one image is later read by a single ranged read.
+  local or ``s3://...``. Members are grouped into samples as ``webdataset.WebDataset`` groups
+  them (tests/test_images.py checks the two agree): a sample is a run of consecutive members
+  sharing a key (the member name up to the first dot of its base name); the extension after
+  that dot is compared in lower case; members whose base name has no such dot are not part of
+  any sample. A sample's image is the member with an image extension, its label the ``cls``
+  member (decimal text). The byte offset and size of each image's data in its tar are recorded
+  while listing, so that one image is later read by a single ranged read. (WebDataset's own
+  reader is not used here: it reads every byte of a shard, where listing reads the headers only.)
 
 The number of classes is the number of class folders for a folder, ``max(label) + 1`` otherwise.
 
@@ -475,12 +479,15 @@ def _tar_paths(source: str) -> list[str]:
     return paths if is_url(source) else [os.path.abspath(p) for p in paths]
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    """WebDataset's ``(key, extension)`` of a member: split at the first dot of the base name."""
+def _split_member(name: str) -> tuple[str, str] | None:
+    """WebDataset's ``(key, extension)`` of a member, the extension in lower case: split at the
+    first dot of the base name. None where WebDataset leaves the member out of every sample (no
+    dot in the base name, or nothing before it)."""
     folder, _, base = name.rpartition("/")
     stem, dot, ext = base.partition(".")
-    key = f"{folder}/{stem}" if folder else stem
-    return key, (ext if dot else "")
+    if not (stem and dot):
+        return None
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
 @dataclass
@@ -497,7 +504,12 @@ class _TarScan:
 
 def _sample_problem(members: list[tuple[tarfile.TarInfo, str]], label_text: bytes | None) -> tuple[str | None, int]:
     """Why a sample's members do not make an image and a label (None if they do), and the label."""
-    images = [info.name for info, ext in members if ("." + ext.lower()) in IMAGE_EXTENSIONS]
+    extensions = [ext for _, ext in members]
+    repeated = sorted({ext for ext in extensions if extensions.count(ext) > 1})
+    if repeated:  # WebDataset refuses such a sample too ("duplicate file name")
+        return (f"more than one '{repeated[0]}' member "
+                f"({', '.join(info.name for info, ext in members if ext == repeated[0])})"), -1
+    images = [info.name for info, ext in members if ("." + ext) in IMAGE_EXTENSIONS]
     if not images:
         return f"no image member (members: {', '.join(info.name for info, _ in members)})", -1
     if len(images) > 1:
@@ -545,13 +557,13 @@ def _list_one_tar(storage: Storage, shard: str, on_bad_sample: str) -> _TarScan:
             out.skipped.append((f"{where}:{key}", problem))
             return
         for info, ext in members:
-            if ("." + ext.lower()) in IMAGE_EXTENSIONS:
+            if ("." + ext) in IMAGE_EXTENSIONS:
                 out.names.append(info.name)
                 out.offsets.append(info.offset_data)
                 out.sizes.append(info.size)
                 out.labels.append(label)
             elif ext != LABEL_FIELD:
-                dotted = "." + ext.lower() if ext else _NO_EXTENSION
+                dotted = "." + ext if ext else _NO_EXTENSION
                 out.ignored[dotted] = out.ignored.get(dotted, 0) + 1
 
     try:
@@ -564,7 +576,11 @@ def _list_one_tar(storage: Storage, shard: str, on_bad_sample: str) -> _TarScan:
                     if not info.isdir():
                         out.ignored["(not a regular file)"] = out.ignored.get("(not a regular file)", 0) + 1
                     continue
-                this_key, ext = _split_member(info.name)
+                split = _split_member(info.name)
+                if split is None:  # in no sample, and it does not end the current one
+                    out.ignored[_NO_EXTENSION] = out.ignored.get(_NO_EXTENSION, 0) + 1
+                    continue
+                this_key, ext = split
                 if this_key != key:  # WebDataset groups consecutive members with one key
                     if members:
                         finish(key, members, label_text)

@@ -6,6 +6,8 @@ buffer; through fsspec (``s3://`` with s3fs, ``gs://``, ``http://``, ...) it is
 one concurrent batch of ranged GETs (``cat_ranges``). Transient failures
 (connection errors, timeouts, HTTP 5xx, throttling) are retried with exponential
 backoff and jitter; anything else (missing object, access denied) fails at once.
+One loop does all the retrying (:meth:`RetryPolicy.run`): single requests repeat
+whole, a batch of ranges repeats only the ranges that failed.
 
 For ``s3://`` the ranged reads take a faster path by default (``s3direct.py``):
 presigned GETs on plain keep-alive connections, received straight into the buffer.
@@ -89,9 +91,26 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+class PartlyFailed(Exception):
+    """Some parts of a batched request failed transiently; the next attempt retries only those.
+
+    ``errors`` holds one transient exception per failed part; the first is the cause, so
+    :func:`is_transient` says yes.
+    """
+
+    def __init__(self, errors: Sequence[BaseException], message: str):
+        self.errors = list(errors)
+        super().__init__(message)
+        self.__cause__ = self.errors[0]
+
+
+def _describe(err: BaseException) -> str:
+    return str(err) if isinstance(err, PartlyFailed) else repr(err)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter."""
+    """Exponential backoff with full jitter: the one retry loop for object storage."""
 
     attempts: int = 8
     """Tries in all (1 = no retry)."""
@@ -102,6 +121,35 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         return random.uniform(0, min(self.max_delay, self.initial_delay * 2**attempt))
+
+    def run(self, fn: Callable[[], T], what: str, on_retry: Callable[[int], None] | None = None) -> T:
+        """Calls ``fn`` until it returns, waiting and trying again after a transient error.
+
+        Args:
+            fn: one attempt. A batched request that keeps what succeeded raises
+                :class:`PartlyFailed` for the rest; the next call retries only those.
+            what: names the request in the log and in the final error.
+            on_retry: called with the number of failures about to be retried (a
+                :class:`PartlyFailed` counts its parts).
+
+        Raises:
+            StorageError: still failing transiently after ``attempts`` tries.
+            Exception: anything that is not transient, at once and as raised.
+        """
+        for attempt in range(self.attempts):
+            try:
+                return fn()
+            except Exception as err:  # noqa: BLE001 - classified below
+                if not is_transient(err):
+                    raise
+                if attempt + 1 >= self.attempts:
+                    raise StorageError(f"{what}: still failing after {attempt + 1} attempts: {_describe(err)}") from err
+                if on_retry is not None:
+                    on_retry(len(err.errors) if isinstance(err, PartlyFailed) else 1)
+                wait = self.delay(attempt)
+                logger.warning("%s: transient error (%s); retry %d in %.2fs", what, _describe(err), attempt + 1, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
 
 
 # RFC 3986 scheme followed by '://': what fsspec would take as a protocol.
@@ -197,20 +245,11 @@ class Storage:
         return f"{self._base.rstrip('/')}/{name}"
 
     def call(self, fn: Callable[[], T], what: str) -> T:
-        """Runs ``fn`` and retries it on transient errors."""
-        for attempt in range(self.retry.attempts):
-            try:
-                return fn()
-            except Exception as err:  # noqa: BLE001 - classified below
-                if not is_transient(err) or attempt + 1 >= self.retry.attempts:
-                    if is_transient(err):
-                        raise StorageError(f"{what}: still failing after {attempt + 1} attempts: {err!r}") from err
-                    raise
-                self.retries += 1
-                wait = self.retry.delay(attempt)
-                logger.warning("%s: transient error (%r); retry %d in %.2fs", what, err, attempt + 1, wait)
-                time.sleep(wait)
-        raise AssertionError("unreachable")
+        """Runs ``fn`` under this storage's :class:`RetryPolicy`, counting the retries."""
+        return self.retry.run(fn, what, on_retry=self._count_retries)
+
+    def _count_retries(self, failures: int) -> None:
+        self.retries += failures
 
     def exists(self, name: str) -> bool:
         if self.is_local:
@@ -324,32 +363,27 @@ class Storage:
     def _read_remote(self, ranges, buffer, offsets) -> list[int]:
         got = [0] * len(ranges)
         pending = list(range(len(ranges)))
-        for attempt in range(self.retry.attempts):
+
+        def attempt() -> list[int]:
+            nonlocal pending
             failed = []
             for i, res in zip(pending, self._fetch(ranges, buffer, offsets, pending)):
-                if isinstance(res, BaseException):
-                    if not is_transient(res):
-                        if isinstance(res, FileNotFoundError):
-                            raise res
-                        raise StorageError(f"reading {self.path(ranges[i][0])} bytes {ranges[i][1]}-{ranges[i][2]}: {res!r}") from res
-                    failed.append((i, res))
-                else:
+                if not isinstance(res, BaseException):
                     got[i] = res
-            if not failed:
-                return got
-            if attempt + 1 >= self.retry.attempts:
-                i, err = failed[0]
-                raise StorageError(
-                    f"reading {self.path(ranges[i][0])}: {len(failed)} range(s) still failing after {attempt + 1} attempts: {err!r}"
-                ) from err
-            self.retries += len(failed)
-            wait = self.retry.delay(attempt)
-            logger.warning(
-                "%s: %d ranged read(s) failed transiently (%r); retry %d in %.2fs", self.root, len(failed), failed[0][1], attempt + 1, wait
-            )
-            time.sleep(wait)
+                elif is_transient(res):
+                    failed.append((i, res))
+                elif isinstance(res, FileNotFoundError):
+                    raise res
+                else:
+                    raise StorageError(f"reading {self.path(ranges[i][0])} bytes {ranges[i][1]}-{ranges[i][2]}: {res!r}") from res
             pending = [i for i, _ in failed]
-        raise AssertionError("unreachable")
+            if failed:
+                first, err = failed[0]
+                raise PartlyFailed([e for _, e in failed], f"{len(failed)} range(s) failed, the first in "
+                                                           f"{self.path(ranges[first][0])}: {err!r}")
+            return got
+
+        return self.call(attempt, f"reading {len(ranges)} range(s) under {self.root}")
 
     def close(self) -> None:
         if self._direct:

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from fake_cluster.fakeslurm import descendants, is_running
+from ports import free_port
 
 # A model and data small enough for 2 CPU cores; every run in the tests starts from it.
 TINY = {
@@ -40,15 +41,7 @@ def command(config: Path, overrides: list[str], nproc: int) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "sfd_train.train", str(config), *overrides]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-            str(_free_port()), "-m", "sfd_train.train", str(config), *overrides]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+            str(free_port()), "-m", "sfd_train.train", str(config), *overrides]
 
 
 def train(config: Path, overrides: list[str] = (), nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from ports import free_port
 from runs import committed, exported, kill_run, losses, start, train, wait_for, write_config
 from sfd_train.config import build_config
 from sfd_train.engine.checkpoint import CheckpointError, newest_complete, verify, write_marker
@@ -66,7 +67,7 @@ def test_resume_on_a_different_number_of_ranks(tmp_path, first, second):
 
 def _spawn_ranks(config, run_dir, world_size, extra=()):
     """Two ranks started by hand (no torchrun), so each one's own exit code is visible."""
-    port = subprocess.check_output([sys.executable, "-c", "import socket;s=socket.socket();s.bind(('',0));print(s.getsockname()[1])"]).decode().strip()
+    port = str(free_port())
     procs = []
     for rank in range(world_size):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),

@@ -12,19 +12,14 @@ import pytest
 import s3fs  # noqa: F401
 import torch
 
+from ports import free_port
 from sfd_train.data_pipeline.errors import StorageError
 from sfd_train.data_pipeline.manifest import read_manifest
 from sfd_train.data_pipeline.reader import CompositeLatentLoader
-from sfd_train.data_pipeline.storage import RetryPolicy, is_transient
+from sfd_train.data_pipeline.storage import PartlyFailed, RetryPolicy, is_transient
 from sfd_train.data_pipeline.testing import collect, tiny_synthetic
 
 BUCKET = "sfd-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FlakyProxy(ThreadingHTTPServer):
@@ -221,6 +216,47 @@ def test_missing_object_is_not_retried(s3):
     with pytest.raises((StorageError, FileNotFoundError)):
         next(loader)
     assert loader.storage.retries == 0
+
+
+def test_one_retry_loop_for_calls_and_batches():
+    policy = RetryPolicy(attempts=4, initial_delay=0.0)
+    calls, counted = [], []
+
+    def flaky_call():
+        calls.append(len(calls))
+        if len(calls) < 3:
+            raise ConnectionResetError()
+        return "ok"
+
+    assert policy.run(flaky_call, "call", on_retry=counted.append) == "ok"
+    assert len(calls) == 3 and counted == [1, 1]  # repeated whole
+
+    asked, todo = [], [0, 1, 2, 3]
+
+    def flaky_batch():  # half of what is asked fails each time
+        nonlocal todo
+        asked.append(list(todo))
+        todo = todo[: len(todo) // 2]
+        if todo:
+            raise PartlyFailed([TimeoutError()] * len(todo), f"{len(todo)} part(s) failed")
+        return "done"
+
+    counted.clear()
+    assert policy.run(flaky_batch, "batch", on_retry=counted.append) == "done"
+    assert asked == [[0, 1, 2, 3], [0, 1], [0]] and counted == [2, 1]  # only the failed parts again
+
+    def always(err):
+        calls.append(err)
+        raise err
+
+    calls.clear()
+    with pytest.raises(StorageError, match="batch: still failing after 4 attempts: 1 part"):
+        policy.run(lambda: always(PartlyFailed([ConnectionResetError()], "1 part failed")), "batch")
+    assert len(calls) == 4
+    calls.clear()
+    with pytest.raises(PermissionError):  # not transient: no second try
+        policy.run(lambda: always(PermissionError("denied")), "call")
+    assert len(calls) == 1
 
 
 def test_is_transient_classification():

@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import pickle
-import socket
 import tarfile
 
 import moto.server as moto_server  # test extras: missing, the suite fails rather than skipping
@@ -13,9 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ports import free_port
 from sfd_train.data_pipeline.errors import DataError
 from sfd_train.data_pipeline.storage import Storage
 from sfd_train.data_pipeline.images import (
+    IMAGE_EXTENSIONS,
     BadImage,
     ImageItems,
     decode_image,
@@ -352,6 +353,39 @@ def test_tar_shards_by_brace_pattern(shards):
     assert single.items.labels.tolist() == shards["labels"][5:]
 
 
+def test_tar_samples_are_grouped_as_webdataset_groups_them(tmp_path, shards):
+    """The listing reads only headers, so it groups members itself; WebDataset's reader is the oracle."""
+    import webdataset as wds
+    from webdataset.tariterators import base_plus_ext
+
+    png, jpg = shards["images"][0], shards["images"][1]
+    _tar(tmp_path / "odd.tar", [
+        ("n01/000000.jpg", jpg), ("n01/000000.cls", b"3"),  # the key keeps its folder
+        ("x.jpg", jpg), ("x.seg.png", png), ("x.cls", b"1"),  # the extension runs from the first dot
+        ("UP.JPG", jpg), ("UP.CLS", b"2"),  # extensions compare in lower case
+        ("k.png", png), ("README", b"notes"), ("k.cls", b"0"),  # a name without a dot is in no sample
+        ("y.jpeg", jpg), ("y.json", b"{}"), ("y.cls", b"4"),
+    ])
+    listing = list_images(str(tmp_path / "odd.tar"))
+    storage = listing.storage()
+    ours = [(base_plus_ext(item.member)[0], read_bytes(item, storage), item.label) for item in listing.items]
+    theirs = []
+    for sample in wds.WebDataset(str(tmp_path / "odd.tar"), shardshuffle=False, empty_check=False):
+        (image,) = [value for field, value in sample.items() if "." + field in IMAGE_EXTENSIONS]
+        theirs.append((sample["__key__"], image, int(sample["cls"])))
+    assert len(theirs) == 5 and ours == theirs
+    assert listing.ignored == {"(none)": 1, ".json": 1, ".seg.png": 1}
+
+    # A sample with two members of one extension: WebDataset refuses it; so does the listing.
+    _tar(tmp_path / "twice.tar", [("a.jpg", jpg), ("a.cls", b"1"), ("a.cls", b"2"), ("b.jpg", jpg), ("b.cls", b"0")])
+    with pytest.raises(ValueError, match="duplicate"):
+        list(wds.WebDataset(str(tmp_path / "twice.tar"), shardshuffle=False, empty_check=False))
+    with pytest.raises(DataError, match="sample 'a': more than one 'cls' member"):
+        list_images(str(tmp_path / "twice.tar"))
+    skipping = list_images(str(tmp_path / "twice.tar"), on_bad_sample="skip")
+    assert [item.member for item in skipping.items] == ["b.jpg"] and len(skipping.skipped) == 1
+
+
 def test_bad_tar_samples_and_truncated_tars(tmp_path, shards):
     image = shards["images"][1]
     _tar(tmp_path / "bad.tar", [("a.jpg", image), ("a.cls", b"1"), ("b.jpg", image), ("c.cls", b"2"),
@@ -413,9 +447,7 @@ def s3(shards, tmp_path_factory):
         mp.setenv(key, value)
     mp.delenv("AWS_PROFILE", raising=False)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
