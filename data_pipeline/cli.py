@@ -218,11 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "WebDataset tars (a .tar or a brace pattern, local or s3://) with jpg/png and cls members")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--vae", help="texture VAE weights: the LDM .ckpt (e.g. ldm-imagenet256-f16d32-50ep.ckpt)")
-    p.add_argument("--dino", help="DINOv2 weights as released for torch.hub (e.g. dinov2_vitb14_reg4_pretrain.pth)")
+    p.add_argument("--dino", help="DINOv2 weights as released for torch.hub, with registers (e.g. "
+                   "dinov2_vitb14_reg4_pretrain.pth) or without (dinov2_vitb14_pretrain.pth): the file's keys say "
+                   "which, and the position table is resized as the hub does for that family")
     p.add_argument("--semvae", help="SemVAE checkpoint (the authors' format or sfd-train's export); on a folder "
                    "extracted without it, fills in the semantic latents")
     p.add_argument("--tokenizers", metavar="YAML", help="architectures of the networks (sections vae, dino, semvae); "
-                   "default: the released ones")
+                   "default: the released ones; e.g. 'dino: {preset: dinov2_vitb14}' names a hub model and its family")
     p.add_argument("--image-size", type=int, default=256, help="side of the centre crop (default 256)")
     p.add_argument("--latent", choices=["mean", "sample"], default="mean",
                    help="store the posterior mean (default) or a draw seeded by --seed and the sample's index")

@@ -355,7 +355,7 @@ def extract_dataset(options: ExtractOptions, command: str = "", progress: bool =
             return None
         provenance = {"source": scan["listing"].description, "weights": nets.files, "image_size": options.image_size,
                       "latent": f"posterior {options.latent}", "bad_images_left_out": len(scan["bad"]),
-                      "source_order": SOURCE_ORDER}
+                      "source_order": SOURCE_ORDER, "dino": nets.dino.config.description}
         _write_source_order(options.out, scan["listing"].items, usable[order])
         return finish_dataset(options.out, names, layout, num_classes=scan["listing"].num_classes, plan=plan,
                               command=command, source=f"images: {scan['listing'].description}",

@@ -33,6 +33,20 @@ def tokenizer_reference_path() -> Path:
     return Path(os.environ.get("SFD_TOKENIZER_REFERENCE", REFERENCE_DIR / "tokenizer_reference_public.pt"))
 
 
+def _tokenizer_references() -> list[Path]:
+    """$SFD_TOKENIZER_REFERENCE alone; by default the public file and the one whose DINOv2 has no
+    registers (tests/reference/tokenizer_reference_noreg.pt)."""
+    if os.environ.get("SFD_TOKENIZER_REFERENCE"):
+        return [Path(os.environ["SFD_TOKENIZER_REFERENCE"])]
+    return [REFERENCE_DIR / "tokenizer_reference_public.pt", REPO_ROOT / "tests" / "reference" / "tokenizer_reference_noreg.pt"]
+
+
+@pytest.fixture(scope="session", params=_tokenizer_references(), ids=lambda p: p.stem.removeprefix("tokenizer_reference_"))
+def tokenizer_reference_each(request) -> Path:
+    """Each tokenizer reference file in turn (the tokenizer tests run on every one)."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """The folder with the state-dict layout and the authors' config files."""

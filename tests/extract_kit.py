@@ -15,11 +15,11 @@ from sfd_train.data_pipeline.manifest import read_manifest
 from sfd_train.data_pipeline.writer import read_shard_arrays
 
 IMAGES = 24
-SIZE = 64
 
 
 def make_kit(root: Path, tokenizer_reference_path: Path, images: int = IMAGES) -> dict:
-    """An image folder (3 classes, varied sizes and formats) and the reference networks as released files."""
+    """An image folder (3 classes, varied sizes and formats) and the reference networks as released files
+    (every size, the image size included, is the reference file's)."""
     reference = torch.load(tokenizer_reference_path, weights_only=False)
     rng = np.random.default_rng(0)
     for i in range(images):
@@ -39,7 +39,7 @@ def make_kit(root: Path, tokenizer_reference_path: Path, images: int = IMAGES) -
 
 def extract_command(kit, out: Path, *extra: str, semvae: bool = True, nproc: int = 1) -> list[str]:
     args = [str(kit["images"]), "--out", str(out), "--vae", str(kit["files"]["vae"]), "--dino",
-            str(kit["files"]["dino"]), "--tokenizers", str(kit["tokenizers"]), "--image-size", str(SIZE),
+            str(kit["files"]["dino"]), "--tokenizers", str(kit["tokenizers"]), "--image-size", str(kit["reference"]["image_size"]),
             "--shard-size", "5", "--batch-size", "4", "--workers", "1", "--quiet", *extra]
     if semvae:
         args += ["--semvae", str(kit["files"]["semvae"])]

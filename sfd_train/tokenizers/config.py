@@ -8,7 +8,8 @@ a dict of those arguments (the reference files carry them) becomes a config thro
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from sfd_train.config.base import ConfigError
 
@@ -60,22 +61,44 @@ class TextureVAEConfig:
         return [level for level in range(len(self.ch_mult)) if self.resolution // 2**level in self.attn_resolutions]
 
 
+REGISTERS_FAMILY = {"num_register_tokens": 4, "interpolate_antialias": True, "interpolate_offset": 0.0}
+"""What the hub passes for its ``dinov2_*_reg`` models (``dinov2/hub/backbones.py``)."""
+PLAIN_FAMILY = {"num_register_tokens": 0, "interpolate_antialias": False, "interpolate_offset": 0.1}
+"""What the hub passes for ``dinov2_vitb14`` and its siblings without registers (its defaults)."""
+_HUB_SIZES = {"vits14": (384, 12, 6), "vitb14": (768, 12, 12), "vitl14": (1024, 24, 16)}
+DINO_PRESETS: dict[str, dict[str, Any]] = {
+    f"dinov2_{arch}{suffix}": {"embed_dim": width, "depth": depth, "num_heads": heads, **family}
+    for arch, (width, depth, heads) in _HUB_SIZES.items()
+    for suffix, family in (("", PLAIN_FAMILY), ("_reg", REGISTERS_FAMILY))
+}
+"""torch.hub DINOv2 models by name: the constructor arguments that set them apart (ViT-g/14, whose MLP is a
+SwiGLU, is not supported)."""
+
+
 @dataclass
 class DinoConfig:
-    """DINOv2 ViT as torch.hub builds it (defaults: ``dinov2_vitb14_reg``, ViT-B/14 with 4 registers)."""
+    """DINOv2 ViT as torch.hub builds it.
 
+    Fields left null come from ``preset``; without one, from the weight file: ViT-B/14 of the
+    family its keys say (``register_tokens`` present: ``dinov2_vitb14_reg``, absent:
+    ``dinov2_vitb14``), see :meth:`resolved`.
+    """
+
+    preset: str | None = None
+    """A torch.hub model (dinov2_vits14, dinov2_vitb14, dinov2_vitl14, each also with _reg) whose arguments fill the
+    fields left null; null = ViT-B/14 of the family the weight file's keys say."""
     img_size: int = 518
     """Side the position table was trained for (37 x 37 patches); it is resized to the input's grid."""
     patch_size: int = 14
     """Pixels per patch along a side."""
     in_chans: int = 3
     """Image channels."""
-    embed_dim: int = 768
-    """Token width (the feature dimension)."""
-    depth: int = 12
-    """Transformer blocks."""
-    num_heads: int = 12
-    """Attention heads."""
+    embed_dim: int | None = None
+    """Token width (the feature dimension); null = the preset's (ViT-B: 768)."""
+    depth: int | None = None
+    """Transformer blocks; null = the preset's (ViT-B: 12)."""
+    num_heads: int | None = None
+    """Attention heads; null = the preset's (ViT-B: 12)."""
     mlp_ratio: float = 4.0
     """MLP width / token width."""
     qkv_bias: bool = True
@@ -90,29 +113,70 @@ class DinoConfig:
     """MLP kind; 'mlp' (the SwiGLU of ViT-g is not supported)."""
     block_chunks: int = 0
     """How the hub groups blocks in its state dict; 0 = blocks.N (released weights)."""
-    num_register_tokens: int = 4
-    """Register tokens inserted after the class token (they get no position embedding)."""
-    interpolate_antialias: bool = True
-    """The position table is resized with antialiasing (true for the *_reg models)."""
-    interpolate_offset: float = 0.0
-    """Offset of the resize factor; 0.0 = resize to the exact grid (the *_reg models)."""
+    num_register_tokens: int | None = None
+    """Register tokens inserted after the class token (no position embedding); 4 in the *_reg models, 0 in the
+    others; null = as many as the weight file holds (its register_tokens)."""
+    interpolate_antialias: bool | None = None
+    """The position table is resized with antialiasing: true for the *_reg models, false for the others;
+    null = the family's."""
+    interpolate_offset: float | None = None
+    """Added to the grid in the resize's scale factor, (grid + offset) / 37, which then sets the sampling positions:
+    0.1 for the models without registers; 0.0 = resize to the exact grid (the *_reg models); null = the family's."""
     drop_path_rate: float = 0.0
     """Stochastic depth (inference: unused)."""
     block_fn: str = ""
     """The hub's block class, recorded for information only."""
 
     def validate(self) -> None:
+        if self.preset is not None and self.preset not in DINO_PRESETS:
+            raise ConfigError("preset", f"unknown DINOv2 model {self.preset!r}; choose one of {', '.join(DINO_PRESETS)}")
         if self.ffn_layer != "mlp":
             raise ConfigError("ffn_layer", f"only 'mlp' is supported, got {self.ffn_layer!r}")
         if self.block_chunks != 0:
             raise ConfigError("block_chunks", "only 0 (blocks.N, as released) is supported")
-        if self.interpolate_offset != 0.0 or not self.interpolate_antialias:
-            raise ConfigError("interpolate_offset", "only the registers models' resize (offset 0.0, antialias true) "
-                                                    "is supported")
         if not (self.qkv_bias and self.proj_bias and self.ffn_bias):
             raise ConfigError("qkv_bias", "only networks with every bias (as released) are supported")
-        if self.embed_dim % self.num_heads:
-            raise ConfigError("num_heads", f"{self.num_heads} does not divide embed_dim {self.embed_dim}")
+        if self.num_register_tokens is not None and self.num_register_tokens < 0:
+            raise ConfigError("num_register_tokens", f"must be 0 or more, got {self.num_register_tokens}")
+        if self.interpolate_offset is not None and self.interpolate_offset < 0:
+            raise ConfigError("interpolate_offset", f"must be 0 or more, got {self.interpolate_offset}")
+        filled = self.resolved()
+        for key in ("embed_dim", "depth", "num_heads"):
+            if getattr(filled, key) < 1:
+                raise ConfigError(key, f"must be positive, got {getattr(filled, key)}")
+        if filled.embed_dim % filled.num_heads:
+            raise ConfigError("num_heads", f"{filled.num_heads} does not divide embed_dim {filled.embed_dim}")
+
+    def resolved(self, file_registers: int | None = None) -> "DinoConfig":
+        """This config with every field set.
+
+        The family (registers or not) is the preset's; else ``num_register_tokens`` when given
+        (0 = without); else the weight file's (``file_registers``: how many register tokens it
+        holds); else, with no file, the registers family (the published pipeline's). Null fields
+        take the preset's values, or those of the family's ViT-B/14.
+
+        Args:
+            file_registers: the register tokens in the weight file (0 = none); None = no file.
+        """
+        if self.preset is not None:
+            preset = DINO_PRESETS[self.preset]
+        else:
+            count = self.num_register_tokens if self.num_register_tokens is not None else file_registers
+            registers = count is None or count > 0
+            preset = dict(DINO_PRESETS["dinov2_vitb14_reg" if registers else "dinov2_vitb14"])
+            if count:
+                preset["num_register_tokens"] = count
+        return replace(self, **{key: value for key, value in preset.items() if getattr(self, key) is None})
+
+    @property
+    def description(self) -> str:
+        """A one-line account of the resolved network, e.g. for a manifest's provenance."""
+        c = self.resolved()
+        table = c.img_size // c.patch_size
+        scale = f"by the scale (grid + {c.interpolate_offset:g}) / {table}" if c.interpolate_offset else "to the grid"
+        return (f"DINOv2 ViT/{c.patch_size}: width {c.embed_dim}, depth {c.depth}, {c.num_heads} heads, "
+                f"{c.num_register_tokens} registers; {table}x{table} position table resized bicubically "
+                f"{'with' if c.interpolate_antialias else 'without'} antialias {scale}")
 
 
 @dataclass
@@ -154,6 +218,6 @@ class TokenizersConfig:
     vae: TextureVAEConfig = field(default_factory=TextureVAEConfig)
     """The texture VAE."""
     dino: DinoConfig = field(default_factory=DinoConfig)
-    """DINOv2."""
+    """DINOv2; by default ViT-B/14 of the family its weight file's keys say (with or without registers)."""
     semvae: SemVAEConfig | None = None
     """The SemVAE; null = the architecture its checkpoint records."""
