@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--semvae to fill it in.",
         epilog="examples:\n  sfd-data extract /data/imagenet/train --out /data/in1k-latents --vae ldm-f16d32.ckpt "
         "--dino dinov2_vitb14_reg4_pretrain.pth --semvae semvae_ch16.pt\n"
-        "  torchrun --nproc-per-node 8 -m sfd_train.data_pipeline.cli extract s3://bucket/train-{000000..000146}.tar "
+        "  torchrun --nproc-per-node 8 -m sfd_train.data_pipeline.cli extract 's3://bucket/train-{000000..000146}.tar' "
         "--out /data/latents --vae V --dino D",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -5,7 +5,8 @@ A command is collected from the fenced shell blocks (``bash``, ``sh``, ``console
 each Markdown file: ``sfd-train``, ``sfd-sample``, ``sfd-data``, ``sfd-eval``, ``sfd-launch``, and
 ``python -m sfd_train...`` or ``torchrun ... -m sfd_train...``; lines continued with ``\\`` are joined,
 comments dropped, and in a block with ``$`` prompts only the prompted lines count. Inline code in
-prose names commands and flags (``sfd-data --storage-option``) and is not collected.
+prose names commands and flags (``sfd-data --storage-option``) and is not collected. The examples
+of every ``--help`` page are checked the same way.
 
 Usage lines are expanded the way a reader reads them: ``{local,slurm}`` is one command per choice,
 ``[--seed 0]`` is shown (a bare ``[flags]`` stands for more arguments and is dropped), ``a|b`` is one
@@ -16,6 +17,7 @@ or the module's ``main``) runs with the words up to the end of argument parsing 
 nothing missing or refused; torchrun's own parser splits its arguments from the module's, as torchrun
 would; then every ``section.key=value`` override, and the config it applies to when that is a preset
 or an existing file, is validated as the command would validate it. Placeholder paths may be missing.
+A brace pattern the shell would expand into several words (an unquoted ``train-{0..9}.tar``) fails too.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ PARSE_POINTS = {
     "sfd_train.data_pipeline.cli:build_parser": "parser",
     "sfd_train.evaluation.cli:build_parser": "parser",
 }
+# The --help pages whose examples are checked too.
+HELP_PAGES = [("sfd-train",), ("sfd-train", "export"), ("sfd-sample",), ("sfd-eval",), ("sfd-launch",),
+              *(("sfd-data", command) for command in ("synth", "convert", "extract", "stats", "inspect"))]
 NUMBERS = {"N": "4", "G": "8", "R": "0"}  # placeholders of counts and ranks in usage lines
 PLACEHOLDER_OVERRIDES = {"key=value"}  # "[key=value ...]" in usage lines
 
@@ -68,6 +73,7 @@ _CHOICES = re.compile(r"(?<!\S)\{([\w-]+(?:,[\w-]+)+)\}(?!\S)")
 _OPTIONAL = re.compile(r"(?<!\S)\[([^\[\]]+)\](?!\S)")
 _ANGLE = re.compile(r"<(\w[\w ]*)>")
 _ALTERNATIVES = re.compile(r"(?<!\S)[\w.-]+(?:\|[\w.-]+)+(?!\S)")
+_BRACES = re.compile(r"\{[^{}\s'\"]*(?:,|\.\.)[^{}\s'\"]*\}")
 _STARTS_OURS = re.compile(r"^(?:\$ )?(?:\w+=\S*\s+)*(?:sfd-(?:train|sample|data|eval|launch)|torchrun|python3?)(?:\s|$)")
 
 
@@ -81,6 +87,22 @@ class DocCommand:
 
     def __str__(self) -> str:
         return f"{self.where}: {shlex.join(self.words)}"
+
+
+def _logical_lines(block: list[str], prompted: bool = False) -> list[tuple[int, str]]:
+    """``(index in block, line)`` with continuation lines joined; with ``prompted``, only ``$ `` lines."""
+    found, k = [], 0
+    while k < len(block):
+        first, line = k, block[k].rstrip()
+        while line.endswith("\\") and k + 1 < len(block):
+            k += 1
+            line = line[:-1].rstrip() + " " + block[k].strip()
+        k += 1
+        line = line.strip()
+        if prompted and not line.startswith("$ "):
+            continue  # a program's output
+        found.append((first, line.removeprefix("$ ")))
+    return found
 
 
 def shell_lines(path: Path) -> list[tuple[int, str]]:
@@ -97,20 +119,9 @@ def shell_lines(path: Path) -> list[tuple[int, str]]:
         while i < len(lines) and not lines[i].strip().startswith(fence):
             i += 1
         block, i = lines[start:i], i + 1
-        if language not in SHELL_LANGUAGES:
-            continue
-        prompted = any(line.lstrip().startswith("$ ") for line in block)
-        k = 0
-        while k < len(block):
-            first, line = k, block[k].rstrip()
-            while line.endswith("\\") and k + 1 < len(block):
-                k += 1
-                line = line[:-1].rstrip() + " " + block[k].strip()
-            k += 1
-            line = line.strip()
-            if prompted and not line.startswith("$ "):
-                continue  # a program's output
-            found.append((start + first + 1, line.removeprefix("$ ")))
+        if language in SHELL_LANGUAGES:
+            prompted = any(line.lstrip().startswith("$ ") for line in block)
+            found += [(start + index + 1, line) for index, line in _logical_lines(block, prompted)]
     return found
 
 
@@ -129,6 +140,14 @@ def _variants(text: str) -> list[str]:
         for other in word.group(0).split("|")[1:]:
             out.append(_ALTERNATIVES.sub(lambda m: other if m.start() == word.start() else m.group(0).split("|")[0], text))
     return out
+
+
+def shell_expanded(line: str) -> str | None:
+    """A brace pattern in ``line`` that the shell would expand into several words (``train-{0..9}.tar``),
+    or None. Quoted text, comments and usage-line choices (a whole word ``{local,slurm}``) do not count."""
+    bare = re.sub(r"'[^']*'|\"[^\"]*\"", "''", _CHOICES.sub("CHOICE", line))
+    match = _BRACES.search(re.split(r"(?:^|\s)#", bare)[0])
+    return match.group(0) if match else None
 
 
 def _number(word: str) -> str:
@@ -162,8 +181,12 @@ def _is_ours(words: list[str]) -> bool:
 def commands_in(path: Path) -> list[DocCommand]:
     """The command lines of our programs that a Markdown file shows."""
     where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+    return _commands([(f"{where}:{number}", line) for number, line in shell_lines(path)])
+
+
+def _commands(lines: list[tuple[str, str]]) -> list[DocCommand]:
     out: dict[DocCommand, None] = {}  # in order, without repeats
-    for number, line in shell_lines(path):
+    for where, line in lines:
         if not _STARTS_OURS.match(line):
             continue
         for text in _variants(line):
@@ -171,12 +194,27 @@ def commands_in(path: Path) -> list[DocCommand]:
             lexer.whitespace_split = True
             for segment in _segments(list(lexer)):
                 if _is_ours(segment):
-                    out[DocCommand(f"{where}:{number}", line, tuple(_number(w) for w in segment if w != "..."))] = None
+                    out[DocCommand(where, line, tuple(_number(w) for w in segment if w != "..."))] = None
     return list(out)
 
 
 def all_commands() -> list[DocCommand]:
     return [command for path in DOC_FILES for command in commands_in(path)]
+
+
+def help_commands() -> list[DocCommand]:
+    """The examples of every ``--help`` page: the indented lines under ``examples:``."""
+    out = []
+    for page in HELP_PAGES:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):
+            _entry_point(page[0])([*page[1:], "--help"])
+        lines = printed.getvalue().splitlines()
+        start = next((i + 1 for i, line in enumerate(lines) if line.strip() == "examples:"), len(lines))
+        end = next((i for i in range(start, len(lines)) if lines[i][:1] not in (" ", "")), len(lines))
+        name = " ".join([*page, "--help"])
+        out += _commands([(name, line) for _, line in _logical_lines(lines[start:end])])
+    return out
 
 
 # --- parsing with the real entry points ----------------------------------------------------------
@@ -301,6 +339,7 @@ def check_command(words: tuple[str, ...]) -> None:
 
 
 COMMANDS = all_commands()
+HELP_EXAMPLES = help_commands()
 
 
 def test_the_docs_show_commands_of_every_program():
@@ -313,9 +352,11 @@ def test_the_docs_show_commands_of_every_program():
     assert "sfd-launch ascend CONFIG key=value --dry-run" in shown
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: f"{c.where}:{c.words[0]}")
+@pytest.mark.parametrize("command", COMMANDS + HELP_EXAMPLES, ids=lambda c: f"{c.where}:{c.words[0]}")
 def test_every_documented_command_parses(command, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # should an entry point get past parsing, it writes nothing in the repo
+    expanded = shell_expanded(command.shown)
+    assert expanded is None, f"{command.where}: the shell expands {expanded} into several words; quote it"
     try:
         check_command(command.words)
     except Exception as err:
@@ -351,6 +392,13 @@ def test_a_broken_command_is_caught(broken, named, fixed, tmp_path, monkeypatch)
     with pytest.raises(Exception, match=re.escape(named)):
         check_command(bad.words)
     check_command(good.words)
+
+
+def test_an_unquoted_shard_pattern_is_caught():
+    assert shell_expanded("sfd-data extract s3://b/train-{000000..000146}.tar --out D") == "{000000..000146}"
+    assert shell_expanded("sfd-train tiny launcher.env={A:1,B:2}") == "{A:1,B:2}"
+    assert shell_expanded("sfd-data extract 's3://b/train-{000000..000146}.tar' --out D") is None
+    assert shell_expanded("sfd-launch {local,slurm} CONFIG   # reads train-{0..9}.tar") is None
 
 
 # --- the sampling commands, run as written ---------------------------------------------------------
@@ -396,7 +444,7 @@ def tiny_checkpoint(tmp_path_factory):
     config = write_config(tmp / "job.yaml", model={"in_channels": 36, "semantic_channels": 4, "input_size": 2,
                                                    "num_classes": 1000},
                           data={"path": str(tmp / "data")}, train={"max_steps": 2},
-                          sampler={"num_steps": 4, "rtol": 0.1, "atol": 0.01})
+                          sampler={"num_steps": 4, "rtol": 0.5, "atol": 0.1})
     run = start(config, [f"run.output_dir={tmp / 'run'}"], log=tmp / "train.log")
     try:  # the VAE is built while the model trains
         torch.manual_seed(0)
