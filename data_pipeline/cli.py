@@ -22,6 +22,7 @@ from sfd_train.data_pipeline.credentials import (
 )
 from sfd_train.data_pipeline.errors import DataError
 from sfd_train.data_pipeline.storage import url_output_error
+from sfd_train.safe_load import add_trust_argument
 
 logger = logging.getLogger("sfd-data")
 
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None, help="number of classes (default: largest label + 1)")
     p.add_argument("--workers", type=int, default=1, help="writer processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_trust_argument(p)
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser(
@@ -243,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec option for s3:// sources (repeatable; credentials come from the environment)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_trust_argument(p)
     p.set_defaults(fn=cmd_extract)
 
     p = sub.add_parser("stats", help="compute per-channel mean/std of the texture and semantic latents")
@@ -266,11 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from sfd_train.config.base import ConfigError  # noqa: PLC0415 - keeps --help fast
+    from sfd_train.safe_load import UnsafeFileError, apply_trust_argument  # noqa: PLC0415
     from sfd_train.tokenizers.weights import TokenizerWeightsError  # noqa: PLC0415
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    apply_trust_argument(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         _check_locations(args)
@@ -278,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as err:
         print(f"sfd-data {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ConfigError, TokenizerWeightsError) as err:
+    except (FileNotFoundError, ConfigError, TokenizerWeightsError, UnsafeFileError) as err:
         print(f"sfd-data {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -52,7 +52,9 @@ STATS_FILES = {"texture": "latents_stats.pt", "semantic": "latents_sv_stats.pt"}
 
 def load_published_stats(path: str) -> dict[str, list[float]]:
     """Reads a ``*_stats.pt`` file into ``{"mean": [...], "std": [...]}`` (one value per channel)."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    from sfd_train.safe_load import load_torch_file  # noqa: PLC0415
+
+    data = load_torch_file(path)
     out = {}
     for key in ("mean", "std"):
         if key not in data:

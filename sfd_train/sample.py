@@ -26,6 +26,7 @@ import torch
 
 from sfd_train.config import ConfigError, build_config, load_config
 from sfd_train.config.loader import parse_args_with_overrides, parse_overrides
+from sfd_train.safe_load import add_trust_argument, apply_trust_argument
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "sample set: the folder")
     parser.add_argument("--device", default="cpu", help="torch device; 'auto' = this rank's GPU/NPU (default cpu)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_trust_argument(parser)
     return parser
 
 
@@ -96,6 +98,7 @@ def _models(args, config, model_state, ema_state, device):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args_with_overrides(build_parser(), argv)
+    apply_trust_argument(args)
     from sfd_train.data_pipeline.storage import url_output_error
     from sfd_train.engine.checkpoint import CheckpointError
     from sfd_train.engine.weights import read_checkpoint_weights
@@ -125,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             print("sfd-sample: no --vae: the grid shows three texture-latent channels, not pictures", file=sys.stderr)
         else:
             decoder = build_decoder(config, vae=args.vae, tokenizers=args.tokenizers, stats=args.stats, device=device)
-    except (ConfigError, CheckpointError, ValueError) as err:  # ValueError: a weight file that does not fit
+        model, guide = _models(args, config, model_state, ema_state, device)  # reads the autoguidance checkpoint
+    except (ConfigError, CheckpointError, ValueError) as err:  # ValueError: a weight file that does not fit or is unsafe
         print(f"sfd-sample: {err}", file=sys.stderr)
         return 2
-    model, guide = _models(args, config, model_state, ema_state, device)
     if args.num is not None:
         return _sample_set(args, config, model, guide, decoder, device)
     return _grid(args, config, model, guide, decoder, device)

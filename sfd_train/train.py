@@ -13,6 +13,7 @@ import logging
 import sys
 
 from sfd_train.config import ConfigError, config_help, load_config
+from sfd_train.safe_load import add_trust_argument, apply_trust_argument
 from sfd_train.config.loader import parse_args_with_overrides
 
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("config", nargs="?", help="a YAML file (ours or the authors') or a preset in configs/ (e.g. tiny)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=1000")
+    add_trust_argument(parser)
     parser.add_argument("--help-config", nargs="?", const="sfd", metavar="TASK",
                         help="list every config key with its default and meaning; TASK: sfd (default) or semvae "
                         "(a YAML file with `task: semvae` trains the SemVAE, e.g. the preset semvae_ch16)")
@@ -38,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args_with_overrides(build_parser(), argv)
+    apply_trust_argument(args)
     if args.help_config:
         try:
             print(config_help(args.help_config))

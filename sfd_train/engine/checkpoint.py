@@ -27,6 +27,8 @@ same interface (synchronously, and on the same number of ranks).
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import logging
 import os
@@ -41,12 +43,15 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from sfd_train.config.schema import CheckpointConfig
 from sfd_train.engine.distributed import World
 from sfd_train.engine.strategy import Strategy
+from sfd_train.safe_load import UnsafeFileError, load_torch_file, loads_pickle
 
 logger = logging.getLogger("sfd_train")
 
@@ -65,6 +70,31 @@ class CorruptCheckpoint(CheckpointError):
 
 class CheckpointSaveError(CheckpointError):
     """Writing a checkpoint failed; the message names the folder, the cause and the free space."""
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A checkpoint file would run code while being read (see :mod:`sfd_train.safe_load`): bad input,
+    never mistaken for damage (a damaged checkpoint is set aside and an older one tried)."""
+
+
+def _dcp_metadata_classes() -> dict[str, type]:
+    """The plain data classes a DCP ``.metadata`` pickle may construct."""
+    found = {f"{cls.__module__}.{cls.__qualname__}": cls for cls in vars(dcp_metadata).values()
+             if isinstance(cls, type) and cls.__module__ == dcp_metadata.__name__
+             and (dataclasses.is_dataclass(cls) or issubclass(cls, enum.Enum))}
+    found[f"{_StorageInfo.__module__}.{_StorageInfo.__qualname__}"] = _StorageInfo
+    return found
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader, except that the ``.metadata`` pickle (which DCP reads with the full
+    unpickler) must first pass the restricted one: a checkpoint folder cannot run code."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            loads_pickle(stream, allowed=_dcp_metadata_classes(), name=str(path))
+        return super().read_metadata(*args, **kwargs)
 
 
 REJECTED = "rejected"
@@ -284,7 +314,8 @@ class CheckpointManager:
     def _dcp_state(self, train_state: dict[str, Any]) -> dict[str, Any]:
         state = dict(self.strategy.checkpoint_items())
         # The per-rank RNG state goes under a rank-specific key (DCP keeps one copy of
-        # equal keys), pickled so that DCP stores it as one object.
+        # equal keys), pickled so that DCP stores it as one object. It holds plain values and
+        # NumPy arrays only, which the restricted unpickler reads back (see load()).
         state[self._rng_key()] = {"pickle": pickle.dumps(train_state.get("rng"))}
         return state
 
@@ -401,7 +432,9 @@ class CheckpointManager:
             # tries the same one and agrees on whether it is damaged.
             found = [self._candidate() if self.world.is_main else None]
             self._broadcast(found)
-            path, train_state, damage = found[0]
+            path, train_state, damage, refused = found[0]
+            if refused is not None:
+                raise UnsafeCheckpoint(refused)
             if path is None:
                 if partly_loaded:
                     # The weights may hold part of a damaged checkpoint: not a fresh start.
@@ -423,17 +456,19 @@ class CheckpointManager:
                 logger.warning(f"checkpoint damaged: {damage}; moved it to {moved} and trying the one before it")
             dist.barrier(group=self.world.checkpoint_group)
 
-    def _candidate(self) -> tuple[str | None, dict[str, Any] | None, str | None]:
-        """``(folder, its train state, damage or None)`` of the newest committed checkpoint."""
+    def _candidate(self) -> tuple[str | None, dict[str, Any] | None, str | None, str | None]:
+        """``(folder, its train state, damage or None, refusal or None)`` of the newest committed checkpoint."""
         for _, path in reversed(list_checkpoints(self.root)):
             try:
                 verify(path)
-                return str(path), self.read_train_state(path), None
+                return str(path), self.read_train_state(path), None, None
             except CorruptCheckpoint as err:
-                return str(path), None, str(err)
+                return str(path), None, str(err), None
+            except UnsafeCheckpoint as err:  # not damage: the user must look at it
+                return str(path), None, None, str(err)
             except CheckpointError as err:  # not committed: an interrupted save, cleaned up later
                 logger.warning(f"skipping checkpoint: {err}")
-        return None, None, None
+        return None, None, None, None
 
     def _broadcast(self, items: list) -> None:
         if dist.get_world_size(self.world.checkpoint_group) > 1:
@@ -449,7 +484,9 @@ class CheckpointManager:
         """
         verify(directory)
         try:
-            state = torch.load(directory / TRAIN_STATE, weights_only=False)
+            state = load_torch_file(directory / TRAIN_STATE)
+        except UnsafeFileError as err:
+            raise UnsafeCheckpoint(str(err)) from None
         except Exception as err:  # a corrupt pickle raises many kinds of errors
             raise CorruptCheckpoint(f"{directory}: unreadable {TRAIN_STATE} ({_first_line(err)})") from None
         if not isinstance(state, dict) or "step" not in state:
@@ -483,13 +520,11 @@ class CheckpointManager:
                 )
             try:
                 rng, failure = self.strategy.load(directory).get("rng"), None
+            except UnsafeFileError as err:
+                rng, failure = None, UnsafeCheckpoint(str(err))
             except Exception as err:  # noqa: BLE001 - any read error; every rank must hear of it
-                rng, failure = None, f"{directory}: cannot load the DeepSpeed state ({_first_line(err)})"
-            failures: list[str | None] = [failure] * dist.get_world_size(self.world.checkpoint_group)
-            if len(failures) > 1:
-                dist.all_gather_object(failures, failure, group=self.world.checkpoint_group)
-            if any(failures):
-                raise CorruptCheckpoint(next(f for f in failures if f))
+                rng, failure = None, CorruptCheckpoint(f"{directory}: cannot load the DeepSpeed state ({_first_line(err)})")
+            self._raise_on_every_rank(failure)
             return rng
         if not (directory / ".metadata").is_file():
             raise CheckpointError(
@@ -500,17 +535,47 @@ class CheckpointManager:
             state[self._rng_key()] = {"pickle": None}
         try:
             # The default planner is strict: a key this run needs but the checkpoint lacks is an error.
-            dcp.load(state, checkpoint_id=str(directory), process_group=self.world.checkpoint_group)
-            return pickle.loads(state[self._rng_key()]["pickle"]) if same_world else None
-        except (Exception, CheckpointException) as err:
-            raise _load_error(directory, err) from None
+            dcp.load(state, storage_reader=SafeFileSystemReader(directory), process_group=self.world.checkpoint_group)
+        except (Exception, CheckpointException) as err:  # DCP raises on every rank alike
+            raise dcp_load_error(directory, err) from None
+        if not same_world:
+            return None
+        try:
+            rng, failure = loads_pickle(state[self._rng_key()]["pickle"], name=f"{directory}: {self._rng_key()}"), None
+        except UnsafeFileError as err:
+            rng, failure = None, UnsafeCheckpoint(str(err))
+        except Exception as err:  # noqa: BLE001 - a damaged entry
+            rng, failure = None, CorruptCheckpoint(f"{directory}: unreadable {self._rng_key()} ({_first_line(err)})")
+        self._raise_on_every_rank(failure)
+        return rng
+
+    def _raise_on_every_rank(self, failure: CheckpointError | None) -> None:
+        """Raises the first rank's failure on every rank (none is left waiting in a collective)."""
+        failures = [failure]
+        if dist.get_world_size(self.world.checkpoint_group) > 1:
+            failures = [None] * dist.get_world_size(self.world.checkpoint_group)
+            dist.all_gather_object(failures, failure, group=self.world.checkpoint_group)
+        first = next((f for f in failures if f is not None), None)
+        if first is not None:
+            raise first
 
 
-def _load_error(directory: Path, err: BaseException) -> CheckpointError:
+def _refusal(text: str) -> str:
+    """The refusal sentence (``PATH: refused: ... )``) out of a longer message that quotes it."""
+    at = text.find(UnsafeFileError.PHRASE)
+    start = text.rfind(": ", 0, at) + 2 if text.rfind(": ", 0, at) >= 0 else 0
+    end = text.find(UnsafeFileError.ENDING, at)
+    return text[start:end + len(UnsafeFileError.ENDING)] if end >= 0 else text[start:]
+
+
+def dcp_load_error(directory: Path, err: BaseException) -> CheckpointError:
     """A DCP load failure as ours: a layout that does not fit this run, or damaged data."""
     causes = [failure[0] if isinstance(failure, tuple) else failure
               for failure in (getattr(err, "failures", None) or {}).values()] or [err]
     first = causes[0]
+    unsafe = next((c for c in causes if UnsafeFileError.PHRASE in str(c)), None)
+    if unsafe is not None:  # DCP hands the metadata reader's refusal on as text, inside its own
+        return UnsafeCheckpoint(_refusal(str(unsafe)))
     if any(isinstance(c, (KeyError, RuntimeError)) and ("Missing key" in str(c) or "Size mismatch" in str(c))
            for c in causes):
         return CheckpointError(f"{directory}: does not fit this run ({_first_line(first)})")

@@ -31,6 +31,7 @@ from sfd_train.engine.distributed import init_distributed, shutdown
 from sfd_train.engine.liveness import Heartbeat, LauncherWatch, describe_silent_ranks, is_collective_timeout, \
     launched_by_torchrun
 from sfd_train.engine.run_lock import RunFolderBusy
+from sfd_train.safe_load import UnsafeFileError
 
 FOLDER_BUSY_EXIT_CODE = 3
 BAD_INPUT_EXIT_CODE = 2
@@ -64,7 +65,7 @@ def run_training(config: Config) -> int:
         return FOLDER_BUSY_EXIT_CODE
     except (CheckpointSaveError, TrainingDiverged) as err:
         return _fail(world.is_main, err, FAILED_EXIT_CODE)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, UnsafeFileError) as err:
         return _fail(world.is_main, err, BAD_INPUT_EXIT_CODE)
     except DataError as err:
         return _fail(True, err, FAILED_EXIT_CODE)  # may concern this rank's data only

@@ -22,6 +22,7 @@ from sfd_train.engine.distributed import World
 from sfd_train.engine.optim import build_adamw, build_scheduler
 from sfd_train.engine.parallelize import make_ema, prepare_blocks
 from sfd_train.engine.strategy import Strategy, clean_name
+from sfd_train.safe_load import load_torch_file
 
 ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 
@@ -68,6 +69,38 @@ def import_deepspeed(device_type: str):
     return deepspeed
 
 
+def _deepspeed_data_classes() -> dict[str, type]:
+    """The bookkeeping classes DeepSpeed pickles into its checkpoint files (plain data)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return {f"{c.__module__}.{c.__qualname__}": c
+            for c in (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)}
+
+
+def use_safe_checkpoint_reads(engine) -> None:
+    """Makes ``engine`` read its checkpoint files with the restricted unpickler.
+
+    DeepSpeed's torch checkpoint engine reads them with ``weights_only=False``, which would let a
+    checkpoint folder run code; only its file reads change (a subclass of its own engine).
+    """
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise RuntimeError(f"DeepSpeed's checkpoint engine is {type(engine.checkpoint_engine).__name__}; only its "
+                           "torch engine is supported (its reads are made safe here)")
+    allowed = _deepspeed_data_classes()
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return load_torch_file(path, map_location=map_location, allowed=allowed)
+
+    safe = SafeTorchCheckpointEngine.__new__(SafeTorchCheckpointEngine)
+    safe.__dict__.update(engine.checkpoint_engine.__dict__)
+    engine.checkpoint_engine = safe
+
+
 class ZeroStrategy(Strategy):
     """A DeepSpeed engine with our AdamW and schedule as its client optimizer."""
 
@@ -88,6 +121,7 @@ class ZeroStrategy(Strategy):
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False
         )
+        use_safe_checkpoint_reads(engine)
         self.engine = self.wrapped = engine
         self.model = engine.module
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -184,10 +218,10 @@ class ZeroStrategy(Strategy):
         rank = torch.distributed.get_rank()
         with torch.no_grad():
             if self.stage == 3:
-                parts = torch.load(directory / f"ema_partition_rank{rank:05d}.pt", weights_only=True)
+                parts = load_torch_file(directory / f"ema_partition_rank{rank:05d}.pt")
                 for mine, saved in zip(self._ema_parts, parts):
                     mine.copy_(saved)
             else:
-                weights = torch.load(directory / "weights.pt", weights_only=True, map_location="cpu")
+                weights = load_torch_file(directory / "weights.pt")
                 self.ema.load_state_dict(weights["ema"])
         return client_state or {}

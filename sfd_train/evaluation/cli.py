@@ -12,6 +12,8 @@ import os
 import sys
 from datetime import timedelta
 
+from sfd_train.safe_load import UnsafeFileError, add_trust_argument, apply_trust_argument
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -38,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'' = no cache)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_trust_argument(parser)
     return parser
 
 
@@ -51,6 +54,7 @@ def _device(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    apply_trust_argument(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     import torch
 
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate(args.samples, args.reference, weights=args.inception, device=_device(args.device),
                           batch_size=args.batch_size, cache=args.cache, progress=not args.quiet)
-    except (EvalInputError, FileNotFoundError) as err:  # bad inputs, missing weights: one line
+    except (EvalInputError, FileNotFoundError, UnsafeFileError) as err:  # bad inputs, missing weights: one line
         print(f"sfd-eval: {err}", file=sys.stderr)
         return 2
     finally:

@@ -14,12 +14,14 @@ its bilinear resize to 299 and its input scaling included, from a local weights 
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 import torch
 
 from sfd_train.evaluation.sources import EvalInputError
+from sfd_train.safe_load import load_torch_file
 
 SPATIAL_CHANNELS = 7
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -44,6 +46,21 @@ def find_weights(path: str | None) -> str:
     return path
 
 
+def _tensors_only(path: str) -> io.BytesIO:
+    """The weights file re-saved from its tensors alone, for torch-fidelity to read.
+
+    torch-fidelity reads the file with torch's full unpickler; it gets a buffer holding only
+    what :func:`~sfd_train.safe_load.load_torch_file` read from the file (nothing in it runs).
+    """
+    state = load_torch_file(path)
+    if not isinstance(state, dict):
+        raise EvalInputError(f"{path}: holds a {type(state).__name__}, not the Inception state dict")
+    buffer = io.BytesIO()
+    torch.save({k: v for k, v in state.items() if torch.is_tensor(v)}, buffer)
+    buffer.seek(0)
+    return buffer
+
+
 class InceptionFeatures:
     """Batched features of uint8 images (B, H, W, 3) with the evaluators' Inception.
 
@@ -57,7 +74,8 @@ class InceptionFeatures:
 
         path = find_weights(weights)
         try:
-            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=path)
+            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                   feature_extractor_weights_path=_tensors_only(path))
         except RuntimeError as err:  # load_state_dict is strict: names the missing/unexpected keys
             detail = " ".join(str(err).split()).removeprefix("Error(s) in loading state_dict for FeatureExtractorInceptionV3: ")
             raise EvalInputError(f"{path}: not the weights of the 2015-12-05 Inception port: {detail[:400]}") from None

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfd_train.evaluation.metrics import GaussianStats, frechet_distance
+from sfd_train.safe_load import load_torch_file
 
 logger = logging.getLogger("sfd_train")
 
@@ -109,7 +110,7 @@ class SyntheticEvaluator:
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, ".feature_net.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # ranks and jobs sharing the folder train it once
-            blob = torch.load(path, weights_only=False) if os.path.exists(path) else None
+            blob = load_torch_file(path) if os.path.exists(path) else None
             if blob is None or blob.get("version") != VERSION:
                 logger.info(f"training the synthetic set's feature network once (cached in {path})")
                 net, info = train_feature_net()

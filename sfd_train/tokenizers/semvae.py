@@ -20,6 +20,7 @@ from torch import nn
 
 from sfd_train.config.base import from_mapping, to_dict
 from sfd_train.tokenizers.config import SemVAEConfig
+from sfd_train.safe_load import is_safetensors, safetensors_metadata
 from sfd_train.tokenizers.weights import TokenizerWeightsError, load_strict, read_weight_file, tensors_of
 
 
@@ -147,7 +148,7 @@ def load_semvae(path: str, config: SemVAEConfig | None = None) -> SemVAE:
     Raises:
         TokenizerWeightsError: the file is not this architecture's weights (names the first bad key).
     """
-    blob = read_weight_file(path)
+    blob = _read_semvae_file(path)
     if config is None:
         if not (isinstance(blob, dict) and "config" in blob and "input_dim" in blob):
             raise TokenizerWeightsError(f"{path}: records no SemVAE architecture; give its config")
@@ -157,12 +158,25 @@ def load_semvae(path: str, config: SemVAEConfig | None = None) -> SemVAE:
     return model.eval()
 
 
-def export_semvae(model: SemVAE, path: str | os.PathLike, iteration: int, extra: dict[str, Any] | None = None) -> str:
+SAFETENSORS_FORMAT = "sfd-train semvae"
+
+
+def _read_semvae_file(path: str) -> Any:
+    """The authors' checkpoint dict, or the same keys from a ``.safetensors`` export (its metadata)."""
+    if not is_safetensors(path):
+        return read_weight_file(path)
+    tensors = read_weight_file(path)  # the same checks and messages as for any weight file
+    return {"model_state_dict": tensors, **safetensors_metadata(path)}
+
+
+def export_semvae(model: SemVAE, path: str | os.PathLike, iteration: int, extra: dict[str, Any] | None = None,
+                  format: str = "pt") -> str:
     """Writes ``model`` as the authors' training script saves it, so their code loads it.
 
     Keys: ``iteration``, ``model_state_dict``, ``config`` (YAML text with ``model.arch``,
     ``variational``, ``bottleneck_dim`` and ``params``), ``input_dim``, ``bottleneck_dim``,
-    plus ``extra`` (e.g. ``loss``).
+    plus ``extra`` (e.g. ``loss``). ``format="safetensors"`` writes the state dict as tensors and
+    the other keys as the file's metadata (text).
     """
     import yaml
 
@@ -171,9 +185,14 @@ def export_semvae(model: SemVAE, path: str | os.PathLike, iteration: int, extra:
                           "params": {"hidden_dim": c.hidden_dim, "transformer_heads": c.transformer_heads,
                                      "transformer_blocks": c.transformer_blocks}},
                 "sfd_train": {"semvae": to_dict(c)}}
-    blob = {"iteration": int(iteration), "model_state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "config": yaml.safe_dump(recorded, sort_keys=False), "input_dim": c.input_dim,
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    info = {"iteration": int(iteration), "config": yaml.safe_dump(recorded, sort_keys=False), "input_dim": c.input_dim,
             "bottleneck_dim": c.bottleneck_dim, **(extra or {})}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(blob, path)
+    if format == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, os.fspath(path), metadata={"format": SAFETENSORS_FORMAT, **{k: str(v) for k, v in info.items()}})
+    else:
+        torch.save({"iteration": info["iteration"], "model_state_dict": state, **info}, path)
     return os.fspath(path)

@@ -8,15 +8,13 @@ problem is reported with the file's path, before any work starts.
 
 from __future__ import annotations
 
-import logging
 import os
-import pickle
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-logger = logging.getLogger("sfd_train")
+from sfd_train.safe_load import UnsafeFileError, is_safetensors, load_weights
 
 
 class TokenizerWeightsError(ValueError):
@@ -26,33 +24,24 @@ class TokenizerWeightsError(ValueError):
 def read_weight_file(path: str | os.PathLike) -> Any:
     """The object in a ``.pt``/``.pth``/``.ckpt`` (torch) or ``.safetensors`` file.
 
-    Tries torch's safe loader first. Files written by training frameworks (an LDM
-    ``.ckpt`` holds Lightning objects) need the full unpickler, which runs code from the
-    file: that is done only for a file the user named, and logged.
+    Read by :mod:`sfd_train.safe_load`, so nothing in the file runs: an LDM ``.ckpt``'s
+    Lightning bookkeeping is kept as inert records (the log says what was left unread), and a
+    file that would call anything else is refused unless the user trusts it.
 
     Raises:
         TokenizerWeightsError: missing, unreadable or not a weight file.
+        UnsafeFileError: the file would run code while being read.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise TokenizerWeightsError(f"{path}: no such weight file")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except Exception as err:  # noqa: BLE001 - any corruption
-            raise TokenizerWeightsError(f"{path}: not a readable safetensors file ({err})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        logger.info(f"{path}: holds more than tensors; reading it with the full unpickler")
-    except Exception as err:  # noqa: BLE001 - torch reports a damaged zip in many ways
-        raise TokenizerWeightsError(f"{path}: not a readable torch file ({type(err).__name__}: {err})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001
-        raise TokenizerWeightsError(f"{path}: not a readable torch file ({type(err).__name__}: {err})") from None
+        return load_weights(path)
+    except UnsafeFileError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch and safetensors report a damaged file in many ways
+        kind = "safetensors" if is_safetensors(path) else "torch"
+        raise TokenizerWeightsError(f"{path}: not a readable {kind} file ({type(err).__name__}: {err})") from None
 
 
 def tensors_of(blob: Any, path: str, keys: tuple[str, ...] = ("state_dict", "model", "model_state_dict")) -> dict[str, torch.Tensor]:
