@@ -4,6 +4,7 @@
 * ``config``    the ``launcher:`` section of a job config
 * ``contract``  what the scripts and the trainer agree on (requeue exit code, REQUEUE file)
 * ``job``       a launch resolved: absolute paths, processes, trainer command, frozen config
+* ``layout``    the mesh, micro-batch and accumulation for the nodes a job was given
 * ``local``     torchrun on this machine
 * ``node``      the per-node script (environment, version log, torchrun, signal forwarding)
 * ``slurm``     the sbatch script and its submission

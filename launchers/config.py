@@ -37,6 +37,12 @@ class SlurmConfig:
     Unquoted 4:00:00 is read by YAML as the number 14400 and rejected."""
     job_name: str = ""
     """Job name (#SBATCH --job-name); '' = run.name."""
+    min_nodes: int = 0
+    """Accept any allocation from this many nodes up to launcher.nodes (#SBATCH --nodes=MIN-MAX): the job
+    starts sooner, and a requeued job may come back on fewer or more nodes. At every start the mesh (HSDP:
+    one shard group per node), the per-rank micro-batch and the accumulation follow the nodes granted,
+    keeping train.global_batch_size and the data order; every count in the range is checked at submission.
+    0 = exactly launcher.nodes."""
     cpus_per_task: int = 0
     """CPUs for the one task per node, i.e. for all its workers and data loaders; 0 = the cluster's default."""
     gres: str = "auto"
@@ -72,6 +78,8 @@ class SlurmConfig:
             raise ConfigError("time", f"{self.time!r} is not a Slurm time such as 4:00:00, 2-00:00:00 or 240")
         if self.cpus_per_task < 0:
             raise ConfigError("cpus_per_task", f"must be >= 0, got {self.cpus_per_task}")
+        if self.min_nodes < 0:
+            raise ConfigError("min_nodes", f"must be >= 0 (0 = exactly launcher.nodes), got {self.min_nodes}")
         if not 1 <= self.signal_lead <= 65535:
             raise ConfigError("signal_lead", f"must be in [1, 65535] seconds, got {self.signal_lead}")
         if self.failure_requeues < 0:
@@ -176,6 +184,10 @@ class LauncherConfig:
 
         if self.nodes < 1:
             raise ConfigError("nodes", f"must be >= 1, got {self.nodes}")
+        if self.slurm.min_nodes > self.nodes:
+            raise ConfigError(
+                "slurm.min_nodes", f"{self.slurm.min_nodes} is more than launcher.nodes ({self.nodes}), the most the job asks for"
+            )
         if self.devices_per_node is not None and self.devices_per_node < 1:
             raise ConfigError("devices_per_node", f"must be >= 1 (or null for auto), got {self.devices_per_node}")
         if not 0 <= self.port <= 65535:
@@ -196,6 +208,10 @@ class LauncherConfig:
         for key in ("python", "torchrun", "entrypoint"):
             if not getattr(self, key).strip():
                 raise ConfigError(key, "must not be empty")
+
+    def node_counts(self) -> range:
+        """Every number of nodes a Slurm job may be granted: min_nodes..nodes (just nodes without min_nodes)."""
+        return range(self.slurm.min_nodes or self.nodes, self.nodes + 1)
 
     def nproc_per_node(self) -> int:
         """Processes per cluster node (``devices_per_node``, 8 when left automatic)."""

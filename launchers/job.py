@@ -16,8 +16,8 @@ from typing import Literal
 import yaml
 
 from sfd_train.config import Config, ConfigError, to_dict
-from sfd_train.config.schema import ParallelConfig
 from sfd_train.launchers.config import LauncherConfig
+from sfd_train.launchers.layout import plan, reason
 from sfd_train.launchers.render import write_script
 
 Mode = Literal["local", "slurm", "ascend"]
@@ -95,18 +95,6 @@ class Job:
         return self.config_file
 
 
-def default_mesh(parallel: ParallelConfig, nodes: int, nproc_per_node: int) -> ParallelConfig:
-    """FSDP2 on several nodes shards inside each node and replicates across nodes (HSDP), unless
-    the config chose a mesh itself: parameter all-gathers and gradient reduce-scatters then stay
-    on the node's links (NVLink, HCCS), and only one gradient all-reduce per step crosses the
-    slower network. One node keeps the flat mesh. ``parallel.dp_shard`` = the world size asks
-    for flat FSDP2 across nodes."""
-    chose = parallel.dp_replicate != 1 or parallel.dp_shard != -1 or parallel.tp != 1
-    if parallel.strategy != "fsdp2" or nodes == 1 or chose:
-        return parallel
-    return replace(parallel, dp_replicate=nodes, dp_shard=nproc_per_node)
-
-
 def _absolute(path: str, base: Path) -> Path:
     # abspath, not resolve(): keep the user's spelling of paths through symlinked
     # cluster file systems (/home -> /gpfs/...), which every node shares.
@@ -129,13 +117,11 @@ def build_job(config: Config, mode: Mode, workdir: str | os.PathLike | None = No
     launcher = config.launcher
     nproc = nproc_per_node if nproc_per_node is not None else launcher.nproc_per_node()
     output_dir = _absolute(config.run.output_dir, workdir)
-    config = replace(config, run=replace(config.run, output_dir=str(output_dir)),
-                     parallel=default_mesh(config.parallel, launcher.nodes, nproc))
+    config = replace(config, run=replace(config.run, output_dir=str(output_dir)))
     job = Job(mode=mode, config=config, workdir=workdir, nproc_per_node=nproc)
 
     # The trainer would reject these only after the job waited in the queue.
-    config.parallel.mesh_shape(job.world_size)
-    config.train.accumulation_steps(config.parallel.data_world(job.world_size))
+    _check_layouts(job)
     if mode == "local" and launcher.nodes != 1:
         raise ConfigError("launcher.nodes", f"local runs on this machine only (1 node), got {launcher.nodes}")
     if mode == "slurm" and config.checkpoint.resume != "auto":
@@ -145,6 +131,24 @@ def build_job(config: Config, mode: Mode, workdir: str | os.PathLike | None = No
     if mode == "slurm":
         _check_sbatch_words(job)
     return job
+
+
+def _check_layouts(job: Job) -> None:
+    """Every node count the job may get must keep the global batch and fit the mesh."""
+    launcher = job.launcher
+    plan(job.config, launcher.nodes, job.nproc_per_node)
+    if job.mode != "slurm":
+        return
+    counts = launcher.node_counts()
+    for nodes in counts[:-1]:
+        try:
+            plan(job.config, nodes, job.nproc_per_node)
+        except ConfigError as err:
+            raise ConfigError(
+                "launcher.slurm.min_nodes",
+                f"Slurm may grant any of {counts.start}..{counts.stop - 1} nodes, and a grant of {reason(err)} "
+                f"({err.key}); raise min_nodes or choose a global batch that every grant divides",
+            ) from None
 
 
 def _check_sbatch_words(job: Job) -> None:

@@ -65,7 +65,8 @@ def torchrun_args(job: Job) -> list[str]:
     else:
         args += ['--node-rank="$NODE_RANK"', '--master-addr="$MASTER_ADDR"', '--master-port="$MASTER_PORT"']
     args.append("--max-restarts=0")
-    args.append(" ".join(q(a) for a in job.trainer_args()))
+    # LAYOUT_WORDS: the mesh for the nodes this job was given (set in the script).
+    args.append(" ".join(q(a) for a in job.trainer_args()) + ' "${LAYOUT_WORDS[@]}"')
     return args
 
 
@@ -143,6 +144,8 @@ def render_node_script(job: Job) -> str:
             "OUTPUT_DIR": q(job.output_dir),
             "REQUEUE_FILENAME": REQUEUE_FILENAME,
             "SETUP_ERROR_FILE": q(job.launch_dir / "SETUP_ERROR"),
+            "CONFIG_FILE": q(job.config_file),
+            "LAYOUT_FILE": q(job.launch_dir / "layout"),
             "PYTHON": q(job.launcher.python),
             "TORCHRUN": q(job.launcher.torchrun),
             "ENV_BLOCK": env_block(job),

@@ -21,12 +21,16 @@ def sbatch_options(job: Job) -> list[str]:
     """The #SBATCH options, in the order they appear in the script."""
     launcher = job.launcher
     slurm = launcher.slurm
-    options = [
-        f"--job-name={slurm.job_name or job.config.run.name}",
-        f"--nodes={launcher.nodes}",
+    counts = launcher.node_counts()
+    options = [f"--job-name={slurm.job_name or job.config.run.name}"]
+    if len(counts) > 1:
+        # MIN-MAX: Slurm grants as many nodes of the range as are free; node.sh fits the job
+        # to the grant. No --ntasks-per-node here: with it Slurm counts MIN tasks and grants
+        # MIN nodes. srun still starts one task per node.
+        options.append(f"--nodes={counts.start}-{counts.stop - 1}")
+    else:
         # One torchrun agent per node; it starts the node's workers itself.
-        "--ntasks-per-node=1",
-    ]
+        options += [f"--nodes={launcher.nodes}", "--ntasks-per-node=1"]
     gres = slurm.gres
     if gres == "auto":
         if job.accelerator == "cuda":

@@ -60,3 +60,19 @@ def synthetic_cache(tmp_path_factory):
     os.environ["SFD_SYNTHETIC_DIR"] = str(path)
     os.environ.setdefault("WANDB_MODE", "disabled")
     return path
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The real Slurm cluster of scripts/slurm_cluster.sh (2 emulated nodes on this machine),
+    started if it is not running and then stopped again at the end of the session. A cluster
+    that cannot start fails the tests that need it; they are never skipped."""
+    import real_slurm
+
+    try:
+        started = real_slurm.start_cluster()
+    except RuntimeError as err:
+        pytest.fail(str(err), pytrace=False)
+    yield real_slurm
+    if started:
+        real_slurm.stop_cluster()

@@ -60,6 +60,7 @@ def test_two_node_run_exports_the_ascend_settings_and_starts_torchrun(tmp_path, 
     assert start["argv"] == [
         "--nnodes=2", "--nproc-per-node=2", "--node-rank=1", "--master-addr=127.0.0.1", "--master-port=29777",
         "--max-restarts=0", "-m", "sfd_train.train", str(config_file), "parallel.backend=hccl", "run.device=npu",
+        "parallel.dp_replicate=2", "parallel.dp_shard=2",  # HSDP for the two nodes (node.sh adds it)
     ]
     env = start["env"]
     assert env["FAKE_CANN_SOURCED"] == "1" and env["LD_LIBRARY_PATH"].startswith(str(cann.parent))

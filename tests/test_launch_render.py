@@ -9,6 +9,7 @@ scripts, regenerate them and review the diff:
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from fake_cluster import harness
 from sfd_train.config import ConfigError, load_config, to_dict
 from sfd_train.launchers import cli, slurm
 from sfd_train.launchers.job import build_job
+from sfd_train.launchers.layout import plan
 from sfd_train.launchers.node import render_node_script
 from sfd_train.launchers.slurm import render_batch_script
 
@@ -51,6 +53,10 @@ SHAPES = {
     ]),
     "slurm_cpu": ("slurm", [
         "launcher.nodes=2", "launcher.devices_per_node=1", "launcher.accelerator=cpu", "launcher.slurm.failure_requeues=0",
+    ]),
+    "slurm_resizable": ("slurm", [
+        "launcher.nodes=4", "launcher.slurm.min_nodes=2", "launcher.devices_per_node=8", "train.global_batch_size=192",
+        "train.micro_batch_size=2",
     ]),
     "ascend_2node": ("ascend", ["launcher.nodes=2", "launcher.ascend.hccl_connect_timeout=1800"]),
     "ascend_rank_table": ("ascend", [
@@ -207,6 +213,8 @@ def test_ascend_dry_run_prints_the_per_node_command(tmp_path, capsys):
         ("slurm", ["launcher.slurm.signal_lead=0"], "launcher.slurm.signal_lead"),
         ("slurm", ["launcher.slurm.container_mounts=['/a:/a']"], "launcher.slurm.container_mounts"),
         ("slurm", ["launcher.env={'BAD-NAME': 1}"], "launcher.env.BAD-NAME"),
+        ("slurm", ["launcher.nodes=2", "launcher.slurm.min_nodes=3"], "launcher.slurm.min_nodes"),
+        ("slurm", ["launcher.nodes=4", "launcher.slurm.min_nodes=1", "launcher.devices_per_node=8"], "launcher.slurm.min_nodes"),
         ("slurm", ["launcher.nodez=2"], "launcher.nodez"),
         ("ascend", ["launcher.ascend.hccl_connect_timeout=10"], "launcher.ascend.hccl_connect_timeout"),
         ("ascend", ["launcher.ascend.task_queue_enable=3"], "launcher.ascend.task_queue_enable"),
@@ -278,7 +286,62 @@ def test_the_trainer_and_the_scripts_agree_on_the_contract():
 def test_the_launcher_picks_hybrid_sharding_across_nodes(overrides, shape):
     config = load_config(None, ["run.output_dir=/scratch/sfd/runs/mesh", "launcher.slurm.partition=gpu", *overrides])
     job = build_job(config, "slurm", workdir=WORKDIR)
-    assert job.config.parallel.mesh_shape(job.world_size) == shape
+    layout = plan(job.config, job.launcher.nodes, job.nproc_per_node)
+    assert layout.parallel.mesh_shape(job.world_size) == shape
+    # The frozen config keeps the user's mesh; node.sh adds the one for the nodes granted.
+    assert job.config.parallel == config.parallel
+    chosen = shape != (1, 32, 1) and shape[0] > 1
+    assert layout.trainer_overrides() == (["parallel.dp_replicate=4", "parallel.dp_shard=8"] if chosen else [])
+
+
+def test_a_resizable_job_keeps_the_global_batch_on_every_grant():
+    config = load_config(None, ["run.output_dir=/scratch/sfd/runs/resize", "launcher.nodes=4", "launcher.slurm.min_nodes=1",
+                                "launcher.devices_per_node=8", "train.global_batch_size=192", "train.micro_batch_size=2"])
+    job = build_job(config, "slurm", workdir=WORKDIR)
+    header = render_batch_script(job).split("\nset ")[0]
+    # No --ntasks-per-node next to a range: Slurm would count MIN tasks and grant MIN nodes.
+    assert "#SBATCH --nodes=1-4" in header and "--ntasks-per-node" not in header
+    layouts = {n: plan(job.config, n, 8) for n in job.launcher.node_counts()}
+    assert {n: (lay.micro_batch, lay.data_world, lay.accumulation) for n, lay in layouts.items()} == {
+        1: (2, 8, 12), 2: (2, 16, 6), 3: (2, 24, 4), 4: (2, 32, 3)}
+    assert layouts[2].describe() == ("2 node(s) x 8 rank(s): fsdp2 (2 replica(s) x 8 shard(s)), global batch 192 = "
+                                     "2 per rank x 16 data-parallel rank(s) x 6 accumulation step(s)")
+    assert layouts[1].describe().startswith("1 node(s) x 8 rank(s): fsdp2 (8 shard(s))")
+    assert layouts[1].trainer_overrides() == []
+    assert layouts[3].trainer_overrides() == ["parallel.dp_replicate=3", "parallel.dp_shard=8"]
+
+
+def test_a_range_with_a_grant_that_cannot_keep_the_global_batch_is_refused_at_launch():
+    config = load_config(None, ["run.output_dir=/scratch/sfd/runs/resize", "launcher.nodes=4", "launcher.slurm.min_nodes=1",
+                                "launcher.devices_per_node=8", "train.global_batch_size=256", "train.micro_batch_size=8"])
+    with pytest.raises(ConfigError) as caught:
+        build_job(config, "slurm", workdir=WORKDIR)
+    message = str(caught.value)
+    assert caught.value.key == "launcher.slurm.min_nodes"
+    assert "a grant of 3 node(s) x 8 rank(s) = 24 ranks: 256 is not divisible by train.micro_batch_size (8) x ranks (24)" in message
+
+
+def test_the_layout_helper_records_changes_and_refuses_grants(tmp_path, capsys):
+    from sfd_train.launchers import layout
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"train": {"global_batch_size": 16, "micro_batch_size": 8}}))
+    record = tmp_path / "layout"
+
+    def run(nodes: int) -> dict[str, str]:
+        assert layout.main([str(config), "--nodes", str(nodes), "--nproc-per-node", "1", "--record", str(record)]) == 0
+        return dict(shlex.split(line)[0].split("=", 1) for line in capsys.readouterr().out.splitlines())
+
+    two = run(2)
+    assert two["LAYOUT_ARGS"] == "parallel.dp_replicate=2 parallel.dp_shard=1" and two["LAYOUT_WAS"] == ""
+    assert two["LAYOUT"].endswith("global batch 16 = 8 per rank x 2 data-parallel rank(s) x 1 accumulation step(s)")
+    assert run(2)["LAYOUT_WAS"] == ""  # unchanged
+    one = run(1)
+    assert one["LAYOUT_ARGS"] == "" and one["LAYOUT_WAS"] == two["LAYOUT"]
+    assert one["LAYOUT"].endswith("global batch 16 = 8 per rank x 1 data-parallel rank(s) x 2 accumulation step(s)")
+    three = run(3)
+    assert set(three) == {"LAYOUT_ERROR"} and "3 node(s) x 1 rank(s) = 3 ranks: 16 is not divisible" in three["LAYOUT_ERROR"]
+    assert record.read_text().strip() == one["LAYOUT"]  # a refused grant is not recorded
 
 
 def test_a_mesh_that_does_not_fit_the_job_is_refused_at_launch():

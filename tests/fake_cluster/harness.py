@@ -18,7 +18,6 @@ REPO = HERE.parents[1]
 SLURM_BIN = HERE / "bin"
 TORCHRUN_BIN = HERE / "torchrun_bin"
 STAND_IN_TORCHRUN = TORCHRUN_BIN / "torchrun"
-FAKE_TRAINER = HERE / "fake_trainer.py"
 VENV_BIN = Path(sys.executable).parent
 
 

@@ -22,6 +22,8 @@ readonly WORKDIR=/work/sfd
 readonly OUTPUT_DIR=/scratch/sfd/runs/slurm_cpu
 readonly REQUEUE_FILE="$OUTPUT_DIR/REQUEUE"
 readonly SETUP_ERROR_FILE=/scratch/sfd/runs/slurm_cpu/launch/SETUP_ERROR
+readonly CONFIG_FILE=/scratch/sfd/runs/slurm_cpu/launch/config.yaml
+readonly LAYOUT_FILE=/scratch/sfd/runs/slurm_cpu/launch/layout
 readonly SETUP_ERROR=78
 readonly PYTHON=python
 readonly TORCHRUN=torchrun
@@ -31,13 +33,15 @@ MASTER_ADDR="${SFD_MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${SFD_MASTER_PORT:-29500}"
 RDZV_ID="${SFD_RDZV_ID:-${SLURM_JOB_ID:-sfd}}"
 
-log() { printf '[sfd-launch %s %s node %s] %s\n' "$(date '+%F %T')" "$HOSTNAME" "$NODE_RANK" "$*"; }
+# Under Slurm the node's name (emulated nodes share one host name).
+readonly NODE_NAME="${SLURMD_NODENAME:-$HOSTNAME}"
+log() { printf '[sfd-launch %s %s node %s] %s\n' "$(date '+%F %T')" "$NODE_NAME" "$NODE_RANK" "$*"; }
 
 # A broken node set-up: say why, leave a note for the batch script (srun's exit
 # status no longer tells once --kill-on-bad-exit has stopped the other nodes), stop.
 die() {
   log "error: $*" >&2
-  printf '%s node %s: %s\n' "$HOSTNAME" "$NODE_RANK" "$*" >>"$SETUP_ERROR_FILE" 2>/dev/null
+  printf '%s node %s: %s\n' "$NODE_NAME" "$NODE_RANK" "$*" >>"$SETUP_ERROR_FILE" 2>/dev/null
   exit "$SETUP_ERROR"
 }
 
@@ -56,6 +60,24 @@ log "node $NODE_RANK of $NNODES, rendezvous $MASTER_ADDR:$MASTER_PORT, torchrun:
 "$PYTHON" -c "$VERSIONS_PY" 2>&1 | sed 's/^/  /' || log "warning: cannot list package versions with $PYTHON"
 env | grep -E '^(CUDA_VISIBLE_DEVICES|NCCL_|GLOO_|HCCL_|ASCEND_|RANK_TABLE_FILE|TASK_QUEUE_ENABLE|CPU_AFFINITY_CONF|PYTORCH_|COMBINED_ENABLE|OMP_NUM_THREADS|SFD_)' | sort | sed 's/^/  /' || true
 log "$(nproc) CPU cores available"
+
+# ---- the layout on the nodes this job was given ----
+# A Slurm job with launcher.slurm.min_nodes may get any node count in its range, and
+# another one after a requeue: the mesh, the per-rank micro-batch and the accumulation
+# follow it (the global batch stays). Node 0 records it, to say when it changed.
+LAYOUT_ARGS="" LAYOUT="" LAYOUT_WAS="" LAYOUT_ERROR=""
+record_layout=()
+[ "$NODE_RANK" = 0 ] && record_layout=(--record "$LAYOUT_FILE")
+layout_vars=$("$PYTHON" -m sfd_train.launchers.layout "$CONFIG_FILE" --nodes "$NNODES" \
+  --nproc-per-node 1 "${record_layout[@]}") ||
+  die "cannot work out the layout with $PYTHON -m sfd_train.launchers.layout (is sfd-train installed there?)"
+eval "$layout_vars"
+[ -z "$LAYOUT_ERROR" ] || die "$LAYOUT_ERROR"
+read -r -a LAYOUT_WORDS <<<"$LAYOUT_ARGS"
+if [ "$NODE_RANK" = 0 ]; then
+  log "layout: $LAYOUT"
+  [ -z "$LAYOUT_WAS" ] || log "the layout changed since the last start, which ran $LAYOUT_WAS"
+fi
 
 # ---- training ----
 TORCHRUN_PID=""
@@ -76,21 +98,54 @@ child_pids() {
   done
 }
 
+# Whether process $1 has a handler for SIGUSR2 (bit 12 of SigCgt in /proc/PID/status):
+# a worker that has not installed the trainer's handler yet ignores the signal.
+# shellcheck disable=SC2329  # called from deliver_preemption
+catches_usr2() {
+  local text mask
+  # Read in one go: /proc files may not support the seeks of line-by-line reads.
+  { text=$(<"/proc/$1/status"); } 2>/dev/null || return 1
+  mask=${text#*SigCgt:}
+  mask=${mask%%$'\n'*}
+  mask=${mask//[[:space:]]/}
+  [ -n "$mask" ] && [ $((0x$mask & (1 << 11))) -ne 0 ]
+}
+
 # SIGUSR2 and SIGTERM both mean "checkpoint at the next step, then stop". The request
 # goes straight to the workers, torchrun's direct children: the agent does not pass
 # USR2 on, and on TERM it tears the workers down (SIGTERM, SIGKILL 30 s later)
 # instead of letting them save. Only direct children, not their process groups: the
-# workers' own children (data-loader processes) must not get it.
+# workers' own children (data-loader processes) must not get it. Slurm may send its
+# warning while the workers are still starting, before the trainer catches SIGUSR2, so
+# a background loop hands it to each worker once that worker catches it, until
+# torchrun ends.
+# shellcheck disable=SC2329  # started by forward_preemption
+deliver_preemption() {
+  trap '' USR2 TERM INT
+  local pid delivered=" " count=0
+  while kill -0 "$TORCHRUN_PID" 2>/dev/null; do
+    for pid in $(child_pids "$TORCHRUN_PID"); do
+      case "$delivered" in *" $pid "*) continue ;; esac
+      if catches_usr2 "$pid"; then
+        delivered="$delivered$pid "
+        count=$((count + 1))
+        # Logged first: the worker may stop (and the step end) right after the signal.
+        log "asking worker $pid to checkpoint and stop ($count of 1)"
+        kill -s USR2 "$pid" 2>/dev/null
+      fi
+    done
+    [ "$count" -ge 1 ] && return 0
+    sleep 0.5
+  done
+}
+
 # shellcheck disable=SC2329  # called from the traps below
 forward_preemption() {
-  local pid sent=0
-  PREEMPTED=$1
-  if [ -n "$TORCHRUN_PID" ]; then
-    for pid in $(child_pids "$TORCHRUN_PID"); do
-      kill -s USR2 "$pid" 2>/dev/null && sent=$((sent + 1))
-    done
+  log "received SIG$1: the workers will checkpoint and stop"
+  if [ -z "$PREEMPTED" ] && [ -n "$TORCHRUN_PID" ]; then
+    deliver_preemption &
   fi
-  log "received SIG$1: asked $sent worker(s) to checkpoint and stop"
+  PREEMPTED=$1
 }
 trap 'forward_preemption USR2' USR2
 trap 'forward_preemption TERM' TERM
@@ -109,7 +164,7 @@ trap 'forward_preemption TERM' TERM
     --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
     --rdzv-id="$RDZV_ID" \
     --max-restarts=0 \
-    -m sfd_train.train /scratch/sfd/runs/slurm_cpu/launch/config.yaml parallel.backend=gloo run.device=cpu
+    -m sfd_train.train /scratch/sfd/runs/slurm_cpu/launch/config.yaml parallel.backend=gloo run.device=cpu "${LAYOUT_WORDS[@]}"
 ) &
 TORCHRUN_PID=$!
 
