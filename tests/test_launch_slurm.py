@@ -25,6 +25,7 @@ import pytest
 
 import real_slurm as slurm
 from fake_cluster import fakeslurm, harness
+from ports import free_port
 from sfd_train.config import load_config
 from sfd_train.launchers.job import build_job
 from sfd_train.launchers.node import render_node_script
@@ -159,7 +160,7 @@ def test_node_script_turns_signals_into_a_checkpoint_request(sig, handler_delay,
     record = tmp_path / "torchrun.jsonl"
     env = harness.base_env(FAKE_TORCHRUN_WORKERS="1", FAKE_TORCHRUN_WORKER_SECONDS="30", FAKE_TORCHRUN_OUTPUT=str(out),
                            FAKE_TORCHRUN_RECORD=str(record), FAKE_TORCHRUN_HANDLER_DELAY=handler_delay,
-                           SFD_NNODES="1", SFD_MASTER_ADDR="127.0.0.1", SFD_MASTER_PORT=str(harness.free_port()))
+                           SFD_NNODES="1", SFD_MASTER_ADDR="127.0.0.1", SFD_MASTER_PORT=str(free_port()))
     proc = subprocess.Popen(["bash", str(node)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     events = out / "events.jsonl"
     if handler_delay == "0":
@@ -231,7 +232,7 @@ def test_slurm_job_on_ascend_npus_runs_on_the_stand_in(tmp_path, monkeypatch):
     config = harness.write_job_config(tmp_path / "job.yaml")
     result = harness.sfd_launch(
         ["slurm", str(config), f"run.output_dir={out}", *STAND_IN, "launcher.accelerator=npu",
-         "launcher.devices_per_node=2", f"launcher.ascend.cann_set_env={cann}", f"launcher.port={harness.free_port()}"],
+         "launcher.devices_per_node=2", f"launcher.ascend.cann_set_env={cann}", f"launcher.port={free_port()}"],
         env, tmp_path, timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
