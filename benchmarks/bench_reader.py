@@ -10,11 +10,17 @@ sequential read speed of the same files, and our reader from a local S3 server
 
     python benchmarks/bench_reader.py                 # everything, prints a table
     python benchmarks/bench_reader.py --samples 2048 --no-s3 --workers 0 2
+    python benchmarks/bench_reader.py --dino-storage float16 int8 --readers ours   # compact features too
+
+``--dino-storage int8`` also converts the dataset with compact features (``sfd-data convert
+--dino-storage int8``, into DIR/shards-int8) and measures our reader on it ("ours, int8").
 
 Shards hold 16 samples (~7 MB; ``BENCH_SHARD_SIZE`` changes it, with another --dir).
 Every measurement runs in a fresh process (torch on one thread, for both readers).
 The figures are samples/s over one epoch after the first batch, the median of
---repeats runs, and MB/s = samples/s x the dataset's bytes per sample.
+--repeats runs, MB/s = samples/s x the dataset's bytes per sample, and the CPU time
+of the reading process itself per sample (what reading costs the trainer's process;
+with workers, their CPU time is not in it).
 """
 
 from __future__ import annotations
@@ -71,24 +77,30 @@ def sequential_read(files: list[str], block: int = 8 << 20) -> tuple[float, int]
 
 
 # -- data --------------------------------------------------------------------------------------
-def prepare(root: str, samples: int) -> tuple[str, str]:
+def prepare(root: str, samples: int, storages: list[str] = ("float16",)) -> tuple[str, dict[str, str]]:
+    """Writes the published-layout folder and converts it once per feature storage; returns their paths."""
     sys.path.insert(0, HERE)
     from bench_reader_published import write_published_folder
 
     from sfd_train.data_pipeline.convert import convert_published
 
-    published, shards = os.path.join(root, "published"), os.path.join(root, "shards")
+    published = os.path.join(root, "published")
     marker = os.path.join(published, ".complete")
     if not os.path.exists(marker):
         print(f"writing {samples} samples in the published layout to {published} ...", file=sys.stderr)
         write_published_folder(published, samples)
         open(marker, "w").close()
-    if not os.path.exists(os.path.join(shards, "manifest.json")):
-        print(f"converting to shards in {shards} ...", file=sys.stderr)
-        # 16-sample (~7 MB) shards: moto re-reads the whole object for every ranged GET,
-        # so big objects would measure moto, not the reader (7 MB is also a good S3
-        # request size). Locally the shard size does not matter to our reader.
-        convert_published(published, shards, shard_size=SHARD_SIZE, workers=2, command="bench_reader.py prepare")
+    shards = {}
+    for storage in storages:
+        shards[storage] = os.path.join(root, "shards" if storage == "float16" else f"shards-{storage}")
+        if not os.path.exists(os.path.join(shards[storage], "manifest.json")):
+            print(f"converting to shards in {shards[storage]} ...", file=sys.stderr)
+            # 16-sample (~7 MB) shards: moto re-reads the whole object for every ranged GET,
+            # so big objects would measure moto, not the reader (7 MB is also a good S3
+            # request size). Locally the shard size does not matter to our reader.
+            convert_published(published, shards[storage], shard_size=SHARD_SIZE, workers=2,
+                              dino_storage=None if storage == "float16" else storage,
+                              command=f"bench_reader.py prepare --dino-storage {storage}")
     return published, shards
 
 
@@ -124,13 +136,17 @@ def measure(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     first = next(it)
     t_first = time.perf_counter()
+    cpu_first = time.process_time()
     samples = 0
     for _ in range(batches - 1):
         batch = next(it)
         samples += batch["x"].shape[0]
     elapsed = time.perf_counter() - t_first
+    # CPU time of this (the training) process alone: what reading costs the trainer, and a figure a
+    # busy machine disturbs far less than the wall time.
+    cpu = time.process_time() - cpu_first
     assert first["dino"].shape[1:] == (768, 16, 16) and first["x"].shape[1:] == (48, 16, 16)
-    return {"samples": samples, "seconds": elapsed, "first_batch_s": t_first - start}
+    return {"samples": samples, "seconds": elapsed, "first_batch_s": t_first - start, "main_cpu_s": cpu}
 
 
 def run_child(reader: str, path: str, workers: int, endpoint: str = "") -> dict:
@@ -170,13 +186,14 @@ def moto_server():
                 os.environ[k] = v
 
 
-def upload(shards: str, endpoint: str) -> str:
+def upload(shards: str, endpoint: str, name: str = "shards") -> str:
     import s3fs
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
-    fs.mkdir("bench")
-    fs.put(shards + "/", "bench/shards/", recursive=True)
-    return "s3://bench/shards"
+    if not fs.exists("bench"):
+        fs.mkdir("bench")
+    fs.put(shards + "/", f"bench/{name}/", recursive=True)
+    return f"s3://bench/{name}"
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -193,7 +210,8 @@ def row(name: str, workers, cache: str, result: dict, per_sample: float, ceiling
     sps = result["samples"] / result["seconds"]
     mbs = sps * per_sample / 1e6
     return {"reader": name, "workers": workers, "cache": cache, "samples_per_s": sps, "mb_per_s": mbs,
-            "of_ceiling": mbs / ceiling, "first_batch_s": result["first_batch_s"]}
+            "of_ceiling": mbs / ceiling, "first_batch_s": result["first_batch_s"],
+            "main_cpu_us_per_sample": 1e6 * result["main_cpu_s"] / result["samples"]}
 
 
 def main(argv=None) -> int:
@@ -207,6 +225,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-local", action="store_true", help="skip the local measurements (S3 only)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; the median is reported")
     parser.add_argument("--json", default="", help="also write the results to this file")
+    parser.add_argument("--dino-storage", nargs="+", default=["float16"], choices=["float16", "int8"],
+                        help="feature storages of our reader's dataset (int8: compact features, as 'ours, int8')")
     sub = parser.add_subparsers(dest="command", help=argparse.SUPPRESS)
     m = sub.add_parser("_measure", help=argparse.SUPPRESS)
     m.add_argument("--reader", required=True)
@@ -218,18 +238,21 @@ def main(argv=None) -> int:
         print(json.dumps(measure(args)))
         return 0
 
-    published, shards = prepare(args.dir, args.samples)
-    paths = {"ours": shards, "published": published}
+    published, shards = prepare(args.dir, args.samples, args.dino_storage)
+    # One "reader" per dataset our reader measures: "ours" (float16 features), "ours, int8", ...
+    ours = {("ours" if storage == "float16" else f"ours, {storage}"): path for storage, path in shards.items()}
+    paths = {**ours, "published": published}
     files = {k: files_of(v) for k, v in paths.items()}
     per_sample = {k: sum(os.path.getsize(f) for f in v) / args.samples for k, v in files.items()}
     info = machine()
     results = {"machine": info, "samples": args.samples, "bytes_per_sample": per_sample, "rows": []}
+    first = next(iter(ours))
 
     # Ceiling: sequential passes over the same files from a cold cache (median of the repeats).
     ceilings = []
     for _ in range(args.repeats):
-        method = drop_page_cache(files["ours"] + files["published"])
-        seconds, nbytes = sequential_read(files["ours"])
+        method = drop_page_cache([f for v in files.values() for f in v])
+        seconds, nbytes = sequential_read(files[first])
         ceilings.append(nbytes / seconds / 1e6)
     ceiling = statistics.median(ceilings)
     results.update(cache_drop=method, ceiling_mb_per_s=ceiling, ceiling_runs=ceilings)
@@ -242,35 +265,42 @@ def main(argv=None) -> int:
                 drop_page_cache(files[reader])
             elif cache == "warm":
                 sequential_read(files[reader])
-            runs.append(run_child(reader, path, workers, endpoint))
+            runs.append(run_child("published" if reader == "published" else "ours", path, workers, endpoint))
         best = sorted(runs, key=lambda r: r["samples"] / r["seconds"])[len(runs) // 2]  # the median run
         r = row(name, workers, cache, best, per_sample[reader], ceiling)
         r["runs_samples_per_s"] = [x["samples"] / x["seconds"] for x in runs]
         results["rows"].append(r)
+        r["runs_main_cpu_us_per_sample"] = [1e6 * x["main_cpu_s"] / x["samples"] for x in runs]
         print(f"{name:>16} {cache:>6} workers={workers}: {r['samples_per_s']:7.0f} samples/s {r['mb_per_s']:6.0f} MB/s "
-              f"{[round(v) for v in r['runs_samples_per_s']]}", file=sys.stderr)
+              f"{[round(v) for v in r['runs_samples_per_s']]}, main-process CPU "
+              f"{[round(v) for v in r['runs_main_cpu_us_per_sample']]} us/sample", file=sys.stderr)
 
+    readers = [name for name in paths if (name == "published" and "published" in args.readers)
+               or (name != "published" and "ours" in args.readers)]
     for cache in [] if args.no_local else args.caches:
-        for reader in args.readers:
+        for reader in readers:
             for workers in args.workers:
                 repeated(reader, reader, paths[reader], workers, cache)
 
     if not args.no_s3:
         with moto_server() as endpoint:
-            print("uploading the shards to moto ...", file=sys.stderr)
-            url = upload(shards, endpoint)
-            for workers in args.workers:
-                repeated("ours, S3 (moto)", "ours", url, workers, "server", endpoint)
+            for reader, folder in ours.items():
+                print(f"uploading {folder} to moto ...", file=sys.stderr)
+                url = upload(folder, endpoint, os.path.basename(folder))
+                for workers in args.workers:
+                    repeated(f"{reader}, S3 (moto)", reader, url, workers, "server", endpoint)
     results["machine"]["load_average_end"] = os.getloadavg()
 
     print(f"\nMachine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB RAM, Linux {info['kernel']}, torch {info['torch']}")
-    print(f"Dataset: {args.samples} samples, {per_sample['ours'] / 1024:.0f} KiB/sample (shards), "
-          f"{per_sample['published'] / 1024:.0f} KiB/sample (published layout); batch {BATCH}")
+    print(f"Dataset: {args.samples} samples, " + ", ".join(f"{per_sample[k] / 1024:.0f} KiB/sample ({k})" for k in paths)
+          + f"; batch {BATCH}")
     print(f"Sequential read ceiling (cold, 8 MiB reads): {ceiling:.0f} MB/s; cache dropped with {method}\n")
-    print("| reader | workers | page cache | samples/s | MB/s | % of ceiling |")
-    print("|---|---|---|---|---|---|")
+    print("| reader | workers | page cache | samples/s | MB/s | % of ceiling | main-process CPU us/sample |")
+    print("|---|---|---|---|---|---|---|")
     for r in results["rows"]:
-        print(f"| {r['reader']} | {r['workers']} | {r['cache']} | {r['samples_per_s']:.0f} | {r['mb_per_s']:.0f} | {100 * r['of_ceiling']:.0f}% |")
+        cpu = statistics.median(r["runs_main_cpu_us_per_sample"])
+        print(f"| {r['reader']} | {r['workers']} | {r['cache']} | {r['samples_per_s']:.0f} | {r['mb_per_s']:.0f} | "
+              f"{100 * r['of_ceiling']:.0f}% | {cpu:.0f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -85,13 +85,13 @@ def _decode_array(data: bytes, manifest: Manifest, name: str) -> np.ndarray:
     member = manifest.layout.members[name]
     if data.startswith(member.npy_header) and len(data) == len(member.npy_header) + member.payload_bytes:
         # The usual case: exactly the header the format prescribes.
-        return np.frombuffer(data, dtype=manifest.layout.np_dtype, offset=len(member.npy_header)).reshape(manifest.shapes[name])
+        return np.frombuffer(data, dtype=member.dtype, offset=len(member.npy_header)).reshape(member.shape)
     f = io.BytesIO(data)
     np.lib.format.read_magic(f)
     shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    expected = manifest.layout.np_dtype
-    if fortran or dtype != expected or tuple(shape) != manifest.shapes[name]:
-        raise ValueError(f"field '{name}' is {dtype}{list(shape)}{' (Fortran order)' if fortran else ''}, expected {expected}{list(manifest.shapes[name])}")
+    expected = member.dtype
+    if fortran or dtype != expected or tuple(shape) != member.shape:
+        raise ValueError(f"field '{name}' is {dtype}{list(shape)}{' (Fortran order)' if fortran else ''}, expected {expected}{list(member.shape)}")
     arr = np.frombuffer(data, dtype=dtype, offset=f.tell())
     if arr.size != int(np.prod(shape)):
         raise ValueError(f"field '{name}' holds {arr.size} values, its header says {list(shape)}")
@@ -141,7 +141,7 @@ def check_shard(storage: Storage, manifest: Manifest, shard: ShardInfo, stats: d
                 problem = f"label {sample[LABEL]} is outside [0, {manifest.num_classes})"
             if problem is None:
                 for name in fields:
-                    if name != LABEL and not bool(torch.isfinite(from_storage(sample[name], manifest.storage_dtype)).all()):
+                    if name != LABEL and not bool(torch.isfinite(from_storage(sample[name], layout.members[name].storage)).all()):
                         problem = f"field '{name}' contains NaN or inf"
                         break
             if problem is not None:

@@ -60,6 +60,17 @@ def _check_locations(args: argparse.Namespace) -> None:
         raise DataError(f"--out {problem}")
 
 
+def _add_dino_storage(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dino-storage", choices=["dtype", "int8"], default="dtype",
+                        help="how the DINOv2 features are stored: 'dtype' = like the latents (--dtype, default); "
+                        "'int8' = compact, about half the bytes, read back as float features (docs/data.md)")
+
+
+def _dino_storage(args: argparse.Namespace) -> str | None:
+    """``--dino-storage`` as the writers take it: None = like the latents."""
+    return None if args.dino_storage == "dtype" else args.dino_storage
+
+
 def _command_line(args: argparse.Namespace) -> str:
     return shlex.join(["sfd-data", *args.argv])
 
@@ -69,7 +80,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     m = write_synthetic_dataset(
         args.out, args.num_samples, seed=args.seed, shard_size=args.shard_size, with_features=not args.no_features,
-        storage_dtype=args.dtype, workers=args.workers, progress=not args.quiet, command=_command_line(args),
+        storage_dtype=args.dtype, dino_storage=_dino_storage(args), workers=args.workers, progress=not args.quiet,
+        command=_command_line(args),
     )
     print(f"wrote {m.num_samples} samples in {len(m.shards)} shards to {args.out}")
     return 0
@@ -81,7 +93,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     m = convert_published(
         args.from_published, args.out, shard_size=args.shard_size, seed=args.seed, shuffle=not args.no_shuffle,
         workers=args.workers, storage_dtype=args.dtype, with_features=not args.no_features,
-        num_classes=args.num_classes, command=_command_line(args), progress=not args.quiet,
+        dino_storage=_dino_storage(args), num_classes=args.num_classes, command=_command_line(args), progress=not args.quiet,
     )
     print(f"wrote {m.num_samples} samples in {len(m.shards)} shards to {args.out}")
     return 0
@@ -98,7 +110,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         source=args.source, out=args.out, vae=args.vae, dino=args.dino, semvae=args.semvae, tokenizers=tokenizers,
         image_size=args.image_size, latent=args.latent, seed=args.seed, shard_size=args.shard_size,
         batch_size=args.batch_size, workers=args.workers, on_bad_image=args.on_bad_image, shuffle=not args.no_shuffle,
-        storage_dtype=args.dtype, features=not args.no_features, device=args.device,
+        storage_dtype=args.dtype, dino_storage=_dino_storage(args), features=not args.no_features, device=args.device,
         storage_options=_storage_options(args.storage_option),
     )
     m = extract_dataset(options, command=_command_line(args), progress=not args.quiet)
@@ -184,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the pictures and of the storage order")
     p.add_argument("--no-features", action="store_true", help="leave out the REPA-like features")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="storage dtype")
+    _add_dino_storage(p)
     p.add_argument("--workers", type=int, default=1, help="writer processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_synth)
@@ -196,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-shuffle", action="store_true", help="keep the source order (the reader then reads in a full random order, slower)")
     p.add_argument("--dtype", choices=["auto", "float16", "bfloat16"], default="auto", help="storage dtype (auto: bfloat16 sources stay bfloat16, others float16)")
     p.add_argument("--no-features", action="store_true", help="leave out feats_dino / feats_dino_flip")
+    _add_dino_storage(p)
     p.add_argument("--num-classes", type=int, default=None, help="number of classes (default: largest label + 1)")
     p.add_argument("--workers", type=int, default=1, help="writer processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -241,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-shuffle", action="store_true", help="store in source order (the reader then reads slower)")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="storage dtype")
     p.add_argument("--no-features", action="store_true", help="leave out the DINOv2 features (needs --semvae)")
+    _add_dino_storage(p)
     p.add_argument("--device", default="auto", help="torch device (default: this rank's GPU/NPU, else the CPU)")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec option for s3:// sources (repeatable; credentials come from the environment)")

@@ -32,7 +32,7 @@ from sfd_train.data_pipeline.format import (
     SEMANTIC_FLIP,
     TEXTURE,
     TEXTURE_FLIP,
-    to_storage,
+    to_stored_arrays,
 )
 from sfd_train.data_pipeline.manifest import Manifest
 from sfd_train.data_pipeline.writer import write_dataset
@@ -75,9 +75,11 @@ class PublishedSource:
             bfloat16, anything else becomes float16).
         with_features: convert ``feats_dino`` / ``feats_dino_flip`` if present.
         num_classes: number of classes; None = largest label + 1.
+        dino_storage: None (features like the latents) or ``"int8"`` (compact, see :mod:`.compact`).
     """
 
-    def __init__(self, folder: str, storage_dtype: str = "auto", with_features: bool = True, num_classes: int | None = None):
+    def __init__(self, folder: str, storage_dtype: str = "auto", with_features: bool = True, num_classes: int | None = None,
+                 dino_storage: str | None = None):
         from safetensors import safe_open  # noqa: PLC0415 - optional at import time
 
         self.folder = os.path.abspath(folder)
@@ -120,6 +122,7 @@ class PublishedSource:
         if storage_dtype == "auto":
             storage_dtype = "bfloat16" if source_dtype in ("BF16", "bfloat16") else "float16"
         self.storage_dtype = storage_dtype
+        self.dino_storage = dino_storage
         self.source_dtype = source_dtype
         spatial = shapes["latents"][1:]
         self._token_major = {}
@@ -167,7 +170,8 @@ class PublishedSource:
                     t = t.transpose(0, 1).reshape(-1, h, w)
                 rows[k].append(t)
             labels.append(int(f.get_slice("labels")[r : r + 1][0]))
-        arrays = {PUBLISHED_KEYS[k]: to_storage(torch.stack(v), self.storage_dtype) for k, v in rows.items()}
+        arrays = to_stored_arrays({PUBLISHED_KEYS[k]: torch.stack(v) for k, v in rows.items()}, self.storage_dtype,
+                                  self.dino_storage)
         return arrays, np.asarray(labels, dtype=np.int64)
 
 
@@ -182,14 +186,16 @@ def convert_published(
     storage_dtype: str = "auto",
     with_features: bool = True,
     num_classes: int | None = None,
+    dino_storage: str | None = None,
     command: str = "",
     progress: bool = True,
 ) -> Manifest:
     """Converts a published-layout folder into shards and a manifest (see the module doc).
 
-    Resumable: re-running the same command skips shards that are complete.
+    Resumable: re-running the same command skips shards that are complete. ``dino_storage="int8"``
+    stores the features compact (see :mod:`.compact`).
     """
-    source = PublishedSource(src, storage_dtype, with_features, num_classes)
+    source = PublishedSource(src, storage_dtype, with_features, num_classes, dino_storage)
     stats_paths = {part: os.path.join(source.folder, name) for part, name in STATS_FILES.items()}
     stats, stats_source = None, ""
     if all(os.path.exists(p) for p in stats_paths.values()):

@@ -53,7 +53,9 @@ from sfd_train.data_pipeline.format import (
     TEXTURE,
     TEXTURE_FLIP,
     SampleLayout,
+    stored_features,
     to_storage,
+    to_stored_arrays,
 )
 from sfd_train.data_pipeline.manifest import MANIFEST_NAME, read_manifest
 from sfd_train.data_pipeline.order import writer_permutation
@@ -97,6 +99,8 @@ class ExtractOptions:
     on_bad_image: Literal["error", "skip"] = "error"
     shuffle: bool = True
     storage_dtype: str = "float16"
+    dino_storage: str | None = None
+    """None: features stored like the latents; "int8": compact (see :mod:`.compact`)."""
     features: bool = True
     device: str = "auto"
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -227,7 +231,8 @@ def encode_batch(nets: _Networks, crops: torch.Tensor, indices: np.ndarray, opti
     out[SEMANTIC], out[SEMANTIC_FLIP] = (sem[0::2], sem[1::2]) if sem is not None else (tex[0::2, :0], tex[1::2, :0])
     if options.features:
         out[FEATURES], out[FEATURES_FLIP] = features[0::2], features[1::2]
-    return {name: to_storage(value.float().cpu(), options.storage_dtype) for name, value in out.items()}
+    return to_stored_arrays({name: value.float().cpu() for name, value in out.items()}, options.storage_dtype,
+                            options.dino_storage)
 
 
 # ------------------------------------------------------------------ the scan
@@ -333,7 +338,10 @@ def extract_dataset(options: ExtractOptions, command: str = "", progress: bool =
         if options.image_size % nets.vae.config.downsampling:
             raise DataError(f"--image-size {options.image_size} is not a multiple of the VAE's {nets.vae.config.downsampling}")
         shapes = _shapes(nets, options, grid)
-        layout = SampleLayout(shapes, options.storage_dtype)
+        try:
+            layout = SampleLayout(shapes, options.storage_dtype, options.dino_storage)
+        except ValueError as err:
+            raise DataError(f"--dino-storage: {err}") from None
         names = shard_names(n, options.shard_size)
         plan = {
             "source": scan["listing"].description, "images": len(scan["listing"].items), "usable": n,
@@ -342,6 +350,8 @@ def extract_dataset(options: ExtractOptions, command: str = "", progress: bool =
             "batch_size": options.batch_size, "shuffle": options.shuffle, "storage_dtype": options.storage_dtype,
             "shapes": {k: list(v) for k, v in shapes.items()}, "weights": nets.files,
         }
+        if layout.compact:  # only then, so that jobs started before the option existed resume
+            plan["dino_storage"] = layout.dino_storage
         records = prepare_job(options.out, plan, names, layout, options.shard_size, n) if world.is_main else None
         records = world.broadcast(records)
         order = writer_permutation(n, options.seed) if options.shuffle else np.arange(n, dtype=np.int64)
@@ -450,7 +460,8 @@ def fill_semantic(options: ExtractOptions, world: _World, command: str = "", pro
     grid = before.latent_size[0]
     shapes = dict(before.shapes)
     shapes[SEMANTIC] = shapes[SEMANTIC_FLIP] = (channels, grid, grid)
-    old, new = SampleLayout(before.shapes, before.storage_dtype), SampleLayout(shapes, before.storage_dtype)
+    old = before.layout
+    new = SampleLayout(shapes, before.storage_dtype, before.dino_storage)
     mine = [s for i, s in enumerate(before.shards) if i % world.size == world.rank]
     bar = tqdm(total=sum(s.count for s in mine), unit="sample", desc="encoding semantics",
                disable=not (progress and world.is_main), file=sys.stderr, dynamic_ncols=True)
@@ -490,11 +501,9 @@ def fill_semantic(options: ExtractOptions, world: _World, command: str = "", pro
 
 def _semantic_of(nets, block, options, indices, device, manifest) -> dict[str, np.ndarray]:
     """Semantic latents of a block of stored samples, from their stored features (both flips)."""
-    from sfd_train.data_pipeline.format import from_storage
-
     out = {}
     for stream, (features, name) in enumerate(((FEATURES, SEMANTIC), (FEATURES_FLIP, SEMANTIC_FLIP))):
-        stored = from_storage(block[features], manifest.storage_dtype).float().to(device)
+        stored = stored_features(block, features, manifest.layout).to(device)
         with _autocast(device):
             posterior = nets.semvae.encode_grid(stored)
         # The same noise streams as a one-pass extraction: (index * 2 + flip), stream 1.

@@ -4,7 +4,9 @@ A shard is an ordinary (USTAR) tar file. Each sample is a run of members named
 ``<key>.<field>`` with ``key = "%09d" % global_index``, always in the order of
 :data:`MEMBER_ORDER` (fields a dataset does not have are left out). Every array is
 an ``.npy`` file in the dataset's storage dtype; ``cls`` is the class index as
-decimal text.
+decimal text. The REPA features may instead be stored compact (``dino_storage``
+``int8``, see :mod:`.compact`): int8 values, each variant followed by its float32
+scales (``dino_scale.npy``, ``dino_flip_scale.npy``).
 
 Because all samples of a dataset have the same fields and shapes, every sample
 occupies the same number of bytes and every member sits at the same offset within
@@ -22,6 +24,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from sfd_train.data_pipeline import compact
+
 FORMAT_NAME = "sfd-composite-latents"
 FORMAT_VERSION = 1
 
@@ -32,17 +36,28 @@ SEMANTIC_FLIP = "sem_flip.npy"
 LABEL = "cls"
 FEATURES = "dino.npy"
 FEATURES_FLIP = "dino_flip.npy"
+FEATURES_SCALE = "dino_scale.npy"
+FEATURES_FLIP_SCALE = "dino_flip_scale.npy"
+SCALE_OF = {FEATURES: FEATURES_SCALE, FEATURES_FLIP: FEATURES_FLIP_SCALE}
+"""The scale member that follows each feature variant in compact (int8) storage."""
 
 # Latents first and features last: a reader that does not want the features reads
-# one short contiguous block per sample, and the non-flipped features follow it
-# directly, so the common case is a single contiguous read.
-MEMBER_ORDER = (TEXTURE, TEXTURE_FLIP, SEMANTIC, SEMANTIC_FLIP, LABEL, FEATURES, FEATURES_FLIP)
+# one short contiguous block per sample, and the non-flipped features (with their
+# scales, if compact) follow it directly, so the common case is a single contiguous read.
+MEMBER_ORDER = (TEXTURE, TEXTURE_FLIP, SEMANTIC, SEMANTIC_FLIP, LABEL, FEATURES, FEATURES_SCALE, FEATURES_FLIP,
+                FEATURES_FLIP_SCALE)
 ARRAY_FIELDS = (TEXTURE, TEXTURE_FLIP, SEMANTIC, SEMANTIC_FLIP, FEATURES, FEATURES_FLIP)
+"""The arrays a dataset describes by shape (scale members follow from the features' shapes)."""
 REQUIRED_FIELDS = (TEXTURE, TEXTURE_FLIP, SEMANTIC, SEMANTIC_FLIP, LABEL)
 
 # bfloat16 has no numpy dtype: it is stored as its raw 16 bits in a uint16 .npy.
 STORAGE_DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+COMPACT = "int8"
+DINO_STORAGES = (*STORAGE_DTYPES, COMPACT)
+"""How the REPA features may be stored: in the dataset's storage dtype, or compact."""
+# numpy dtype of every kind of member: the storage dtypes, compact values and their scales.
+FIELD_DTYPES = {**STORAGE_DTYPES, COMPACT: compact.VALUE_DTYPE, "float32": compact.SCALE_DTYPE}
 
 BLOCK = 512
 KEY_DIGITS = 9
@@ -63,12 +78,13 @@ def padded(size: int) -> int:
 
 
 def npy_header(shape: Sequence[int], storage_dtype: str) -> bytes:
-    """The .npy (version 1.0) header of a C-ordered array of ``shape``."""
+    """The .npy (version 1.0) header of a C-ordered array of ``shape`` (``storage_dtype``: a key of
+    :data:`FIELD_DTYPES`)."""
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         buf,
         {
-            "descr": np.lib.format.dtype_to_descr(STORAGE_DTYPES[storage_dtype]),
+            "descr": np.lib.format.dtype_to_descr(FIELD_DTYPES[storage_dtype]),
             "fortran_order": False,
             "shape": tuple(int(s) for s in shape),
         },
@@ -106,10 +122,18 @@ class Member:
     """Bytes the member occupies (header plus padded payload)."""
     npy_header: bytes = b""
     """The exact .npy header every sample carries for this field (empty for ``cls``)."""
+    storage: str = ""
+    """What the array holds, a key of :data:`FIELD_DTYPES` (empty for ``cls``)."""
+    shape: tuple[int, ...] = ()
+    """Shape of the array."""
 
     @property
     def end(self) -> int:
         return self.offset + self.size
+
+    @property
+    def dtype(self) -> np.dtype:
+        return FIELD_DTYPES[self.storage]
 
 
 class SampleLayout:
@@ -118,45 +142,99 @@ class SampleLayout:
     Args:
         shapes: ``{field: shape}`` for the array fields present (``cls`` is implied).
         storage_dtype: ``"float16"`` or ``"bfloat16"``.
+        dino_storage: how the REPA features are stored: None (or ``storage_dtype``) = like
+            the latents; ``"int8"`` = compact, each variant followed by its scale member.
     """
 
-    def __init__(self, shapes: Mapping[str, Sequence[int]], storage_dtype: str):
+    def __init__(self, shapes: Mapping[str, Sequence[int]], storage_dtype: str, dino_storage: str | None = None):
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage dtype must be one of {list(STORAGE_DTYPES)}, got {storage_dtype!r}")
+        dino_storage = storage_dtype if dino_storage is None else dino_storage
+        if dino_storage not in (storage_dtype, COMPACT):
+            raise ValueError(f"dino_storage must be {storage_dtype!r} (the storage dtype) or {COMPACT!r}, got "
+                             f"{dino_storage!r}")
         for name in REQUIRED_FIELDS:
             if name != LABEL and name not in shapes:
                 raise ValueError(f"field {name!r} is required")
         unknown = set(shapes) - set(ARRAY_FIELDS)
         if unknown:
             raise ValueError(f"unknown fields {sorted(unknown)}")
+        if dino_storage == COMPACT and FEATURES not in shapes:
+            raise ValueError(f"dino_storage {COMPACT!r} needs REPA features ({FEATURES}), and there are none")
         self.storage_dtype = storage_dtype
+        self.dino_storage = dino_storage
+        self.compact = dino_storage == COMPACT
         self.np_dtype = STORAGE_DTYPES[storage_dtype]
+        """numpy dtype of the latents (and of the features unless compact)."""
         self.shapes = {name: tuple(int(s) for s in shapes[name]) for name in ARRAY_FIELDS if name in shapes}
         members = {}
         offset = 0
         for name in MEMBER_ORDER:
+            shape, storage = self._array(name)
             if name == LABEL:
                 header = b""
                 payload = BLOCK  # decimal text, at most one block
-            elif name in self.shapes:
-                header = npy_header(self.shapes[name], storage_dtype)
-                payload = int(np.prod(self.shapes[name])) * self.np_dtype.itemsize
+            elif shape is not None:
+                header = npy_header(shape, storage)
+                payload = int(np.prod(shape)) * FIELD_DTYPES[storage].itemsize
             else:
                 continue
             size = BLOCK + padded(len(header) + payload)
-            members[name] = Member(name, offset, offset + BLOCK + len(header), payload, size, header)
+            members[name] = Member(name, offset, offset + BLOCK + len(header), payload, size, header, storage,
+                                   shape or ())
             offset += size
         self.members: dict[str, Member] = members
         self.stride = offset
 
+    def _array(self, name: str) -> tuple[tuple[int, ...] | None, str]:
+        """``(shape, storage)`` of member ``name``, or ``(None, "")`` if the sample has no such member."""
+        if name in self.shapes:
+            return self.shapes[name], (self.dino_storage if name in SCALE_OF else self.storage_dtype)
+        scaled = next((f for f, s in SCALE_OF.items() if s == name), None)
+        if scaled is not None and self.compact and scaled in self.shapes:
+            return (compact.scale_length(self.shapes[scaled]),), "float32"
+        return None, ""
+
+    @classmethod
+    def for_sizes(cls, texture_channels: int, semantic_channels: int, latent_size: int | Sequence[int],
+                  feature_dim: int | None, *, flipped_features: bool = True, storage_dtype: str = "float16",
+                  dino_storage: str | None = None) -> "SampleLayout":
+        """The layout of a dataset of these sizes (all latents with their flips), without any data.
+
+        Args:
+            texture_channels, semantic_channels: C_tex and C_sem.
+            latent_size: H (= W) or (H, W) of the latents and features.
+            feature_dim: D of the REPA features, or None for a dataset without them.
+            flipped_features: whether ``dino_flip`` is stored too.
+        """
+        h, w = (latent_size, latent_size) if isinstance(latent_size, int) else tuple(latent_size)
+        shapes = {TEXTURE: (texture_channels, h, w), TEXTURE_FLIP: (texture_channels, h, w),
+                  SEMANTIC: (semantic_channels, h, w), SEMANTIC_FLIP: (semantic_channels, h, w)}
+        if feature_dim:
+            shapes[FEATURES] = (feature_dim, h, w)
+            if flipped_features:
+                shapes[FEATURES_FLIP] = (feature_dim, h, w)
+        return cls(shapes, storage_dtype, dino_storage)
+
     @property
     def fields(self) -> tuple[str, ...]:
+        """Every member of a sample, in order (scale members included)."""
         return tuple(self.members)
+
+    @property
+    def array_fields(self) -> tuple[str, ...]:
+        """The members that hold arrays (every member but ``cls``), in order."""
+        return tuple(name for name in self.members if name != LABEL)
 
     @property
     def latent_block_end(self) -> int:
         """End of the latents and label, the part every read needs."""
         return self.members[LABEL].end
+
+    def feature_span(self, name: str) -> tuple[int, int]:
+        """``(start, end)`` within a sample of feature variant ``name`` with its scales (if compact)."""
+        last = self.members[SCALE_OF[name]] if self.compact else self.members[name]
+        return self.members[name].offset, last.end
 
     def shard_bytes(self, count: int) -> int:
         """Size of a shard file holding ``count`` samples."""
@@ -181,7 +259,8 @@ class SampleLayout:
 
         Args:
             index: global sample index (gives the key).
-            arrays: ``{field: array}`` in the storage dtype, one per array field of the layout.
+            arrays: ``{field: array}`` as stored (see :func:`to_stored_arrays`), one per member of
+                :attr:`array_fields`.
             label: class index.
 
         Returns:
@@ -196,11 +275,9 @@ class SampleLayout:
                 buf[m.offset + BLOCK : m.offset + BLOCK + len(data)] = data
                 continue
             arr = arrays[m.name]
-            if arr.shape != self.shapes[m.name] or arr.dtype != self.np_dtype:
-                raise ValueError(
-                    f"sample {key} field {m.name}: got {arr.dtype}{list(arr.shape)}, "
-                    f"expected {self.np_dtype}{list(self.shapes[m.name])}"
-                )
+            if arr.shape != m.shape or arr.dtype != m.dtype:
+                raise ValueError(f"sample {key} field {m.name}: got {arr.dtype}{list(arr.shape)}, "
+                                 f"expected {m.dtype}{list(m.shape)}")
             buf[m.offset : m.offset + BLOCK] = tar_header(f"{key}.{m.name}", len(m.npy_header) + m.payload_bytes)
             start = m.offset + BLOCK
             buf[start : start + len(m.npy_header)] = m.npy_header
@@ -239,7 +316,11 @@ def to_storage(array: np.ndarray | torch.Tensor, storage_dtype: str) -> np.ndarr
 
 
 def from_storage(array: np.ndarray, storage_dtype: str) -> torch.Tensor:
-    """Turns a stored array (float16, or bfloat16 bits as uint16) into a float32 tensor."""
+    """Turns a stored array (float16, or bfloat16 bits as uint16) into a float32 tensor.
+
+    ``storage_dtype`` may also be ``"int8"`` (compact values, returned unscaled; see
+    :func:`stored_features`) or ``"float32"`` (their scales).
+    """
     array = np.ascontiguousarray(array)
     if not array.flags.writeable:  # torch warns about read-only buffers; these are small
         array = array.copy()
@@ -247,4 +328,33 @@ def from_storage(array: np.ndarray, storage_dtype: str) -> torch.Tensor:
         return torch.from_numpy(array.view(np.float16)).float()
     if storage_dtype == "bfloat16":
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).float()
+    if storage_dtype in (COMPACT, "float32"):
+        return torch.from_numpy(array.view(FIELD_DTYPES[storage_dtype])).float()
     raise ValueError(f"unknown storage dtype {storage_dtype!r}")
+
+
+def to_stored_arrays(values: Mapping[str, np.ndarray | torch.Tensor], storage_dtype: str,
+                     dino_storage: str | None = None) -> dict[str, np.ndarray]:
+    """Every field of a batch as a shard stores it (what a writer source returns).
+
+    Args:
+        values: ``{field: (B, ...)}`` float arrays or tensors, fields of :data:`ARRAY_FIELDS`.
+        storage_dtype: the dataset's storage dtype.
+        dino_storage: None (like the latents) or ``"int8"``: the features are then quantised
+            (:func:`.compact.quantize`) and each variant's scale member is added.
+    """
+    out = {}
+    for name, value in values.items():
+        if name in SCALE_OF and dino_storage == COMPACT:
+            out[name], out[SCALE_OF[name]] = compact.quantize(value)
+        else:
+            out[name] = to_storage(value, storage_dtype)
+    return out
+
+
+def stored_features(arrays: Mapping[str, np.ndarray], name: str, layout: SampleLayout) -> torch.Tensor:
+    """Feature variant ``name`` (``dino.npy`` or ``dino_flip.npy``) of stored arrays (B, D, H, W), as
+    float32 features: converted, or dequantised when the layout stores them compact."""
+    if layout.compact:
+        return compact.dequantize(arrays[name], arrays[SCALE_OF[name]])
+    return from_storage(arrays[name], layout.storage_dtype)

@@ -17,11 +17,14 @@ import torch
 
 from sfd_train.data_pipeline.errors import ManifestError
 from sfd_train.data_pipeline.format import (
+    COMPACT,
+    DINO_STORAGES,
     FEATURES,
     FEATURES_FLIP,
     FORMAT_NAME,
     FORMAT_VERSION,
     LABEL,
+    SCALE_OF,
     SEMANTIC,
     STORAGE_DTYPES,
     TEXTURE,
@@ -64,10 +67,16 @@ class Manifest:
     provenance: dict[str, Any] = field(default_factory=dict)
     shard_pattern: str = ""
     stats_source: str = ""
+    dino_storage: str | None = None
+    """How the REPA features are stored: the storage dtype (also what None becomes) or ``"int8"``."""
+
+    def __post_init__(self):
+        if self.dino_storage is None:
+            object.__setattr__(self, "dino_storage", self.storage_dtype)
 
     @functools.cached_property
     def layout(self) -> SampleLayout:
-        return SampleLayout(self.shapes, self.storage_dtype)
+        return SampleLayout(self.shapes, self.storage_dtype, self.dino_storage)
 
     @property
     def texture_channels(self) -> int:
@@ -108,8 +117,14 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         fields: dict[str, Any] = {}
-        for name, shape in self.shapes.items():
-            fields[name] = {"shape": list(shape), "dtype": self.storage_dtype, "npy_dtype": STORAGE_DTYPES[self.storage_dtype].str}
+        for name, m in self.layout.members.items():
+            if name == LABEL:
+                continue
+            fields[name] = {"shape": list(m.shape), "dtype": m.storage, "npy_dtype": m.dtype.str}
+            if self.layout.compact and name in SCALE_OF:
+                fields[name]["scales"] = SCALE_OF[name]
+            elif m.storage == "float32":
+                fields[name]["encoding"] = "per-channel scales (D), then per-token scales (H*W, row-major)"
         fields[LABEL] = {"dtype": "int64", "encoding": "decimal text"}
         stats = None
         if self.stats is not None:
@@ -121,6 +136,7 @@ class Manifest:
             "num_samples": self.num_samples,
             "num_classes": self.num_classes,
             "storage_dtype": self.storage_dtype,
+            **({"dino_storage": self.dino_storage} if self.feature_dim is not None else {}),
             "fields": fields,
             "channels": {"texture": self.texture_channels, "semantic": self.semantic_channels, "features": self.feature_dim},
             "stats": stats,
@@ -154,19 +170,31 @@ class Manifest:
         dtype = data["storage_dtype"]
         if dtype not in STORAGE_DTYPES:
             raise ManifestError(f"storage_dtype must be one of {list(STORAGE_DTYPES)}, got {dtype!r}")
+        # Manifests from before compact features have no dino_storage: their features are in the storage dtype.
+        dino_storage = data.get("dino_storage", dtype)
+        if dino_storage not in (dtype, COMPACT):
+            raise ManifestError(f"dino_storage must be {dtype!r} (the storage_dtype) or {COMPACT!r}, got "
+                                f"{dino_storage!r} (known values: {list(DINO_STORAGES)})")
         shapes = {}
+        scale_members = set(SCALE_OF.values())
         for name, spec in data["fields"].items():
-            if name == LABEL:
-                continue
-            if spec.get("dtype") != dtype:
-                raise ManifestError(f"field {name} has dtype {spec.get('dtype')!r}, the dataset stores {dtype!r}")
+            if name == LABEL or name in scale_members:
+                continue  # scale members follow from the features' shapes; the layout check covers them
+            expected = dino_storage if name in SCALE_OF else dtype
+            if spec.get("dtype") != expected:
+                raise ManifestError(f"field {name} has dtype {spec.get('dtype')!r}, the dataset stores {expected!r}")
             shapes[name] = tuple(int(s) for s in spec["shape"])
         if LABEL not in data["fields"]:
             raise ManifestError("the manifest has no 'cls' field")
         try:
-            layout = SampleLayout(shapes, dtype)
+            layout = SampleLayout(shapes, dtype, dino_storage)
         except ValueError as err:
             raise ManifestError(str(err)) from None
+        listed = {name for name in data["fields"] if name in scale_members}
+        implied = {name for name in layout.fields if name in scale_members}
+        if listed != implied:
+            raise ManifestError(f"fields list the scale members {sorted(listed)}, dino_storage {dino_storage!r} "
+                                f"implies {sorted(implied)}")
         spatial = {shape[1:] for shape in shapes.values()}
         if len(spatial) != 1 or any(len(s) != 3 for s in shapes.values()):
             raise ManifestError(f"all fields must be (C, H, W) with the same H, W; got {shapes}")
@@ -187,6 +215,7 @@ class Manifest:
             provenance=dict(data.get("provenance") or {}),
             shard_pattern=str(data.get("shard_pattern", "")),
             stats_source=str((data.get("stats") or {}).get("source", "")),
+            dino_storage=dino_storage,
         )
         manifest.validate()
         return manifest

@@ -13,8 +13,9 @@ a few large ranges, read with one ``preadv`` each (locally, with a ``WILLNEED``
 hint for the next micro-batch) or one concurrent batch of ranged GETs, into a
 reusable shared-memory slot; headers, labels and values are checked there.
 Stage 2 (the main process): conversion to float32 and normalisation, straight into
-fresh (huge-page or pinned) memory. Workers take whole micro-batches round-robin;
-torch's DataLoader returns them in order.
+fresh (huge-page or pinned) memory; compact (int8) REPA features are dequantised in
+the same pass. Workers take whole micro-batches round-robin; torch's DataLoader
+returns them in order. :func:`bytes_per_image` says what all this fetches per image.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from sfd_train.data_pipeline import compact
 from sfd_train.data_pipeline.config import DataConfig
 from sfd_train.data_pipeline.errors import BadSampleError, ManifestError
 from sfd_train.data_pipeline.format import (
@@ -43,11 +45,13 @@ from sfd_train.data_pipeline.format import (
     FEATURES,
     FEATURES_FLIP,
     LABEL,
+    SCALE_OF,
     SEMANTIC,
     SEMANTIC_FLIP,
     TEXTURE,
     TEXTURE_FLIP,
     TORCH_DTYPES,
+    SampleLayout,
     member_name_in_header,
     sample_key,
 )
@@ -143,6 +147,7 @@ class _BatchReader:
         m = shards.manifest
         self.layout = shards.layout
         self.dtype = m.storage_dtype
+        self.compact = self.layout.compact and self.use_features
         self.c_tex, self.c_sem = m.channels
         self.hw = m.latent_size
         self.mirror_features = self.use_features and not m.has_flipped_features
@@ -171,8 +176,8 @@ class _BatchReader:
                 continue
             pieces.append(_Piece(i, TEXTURE, s, base, base + latent_end))
             if self.use_features:
-                m = layout.members[FEATURES_FLIP if flips[i] and not self.mirror_features else FEATURES]
-                pieces.append(_Piece(i, m.name, s, base + m.offset, base + m.end))
+                start, stop = layout.feature_span(FEATURES_FLIP if flips[i] and not self.mirror_features else FEATURES)
+                pieces.append(_Piece(i, FEATURES, s, base + start, base + stop))
         # Merge touching pieces of a shard into one read; with max_gap > 0 (object
         # stores, where each request costs latency and money) also bridge a gap of
         # unneeded bytes, as long as it is no bigger than the piece after it, so that
@@ -214,7 +219,8 @@ class _BatchReader:
         Raises:
             BadSampleError: the first bad sample, when ``on_bad_sample == "error"``.
         """
-        handle, buf = buffer.acquire(plan.total)
+        # Compact features are decoded (stage 1) into float16 behind the raw bytes, one slot per sample.
+        handle, buf = buffer.acquire(plan.total + len(plan.indices) * self.decoded_bytes)
         got = self.storage.read_into(plan.ranges, memoryview(buf), plan.offsets) if plan.ranges else []
         ends = np.array(plan.offsets, dtype=np.int64) + np.array(got, dtype=np.int64)
         range_of = np.searchsorted(np.array(plan.offsets, dtype=np.int64), [p.buffer_offset for p in plan.pieces], side="right") - 1
@@ -252,6 +258,7 @@ class _BatchReader:
         words = buf.view(np.uint16)
         m = self.layout.members
         used = {}
+        decoded = plan.total  # where the next sample's decoded features go
         for i in range(n):
             if i in bad:
                 continue
@@ -260,7 +267,7 @@ class _BatchReader:
                 (m[TEXTURE_FLIP if f else TEXTURE], (latent_at[i] + m[TEXTURE_FLIP if f else TEXTURE].payload_offset) // 2),
                 (m[SEMANTIC_FLIP if f else SEMANTIC], (latent_at[i] + m[SEMANTIC_FLIP if f else SEMANTIC].payload_offset) // 2),
             ]
-            if self.use_features:
+            if self.use_features and not self.compact:
                 fm = m[FEATURES_FLIP if f and not self.mirror_features else FEATURES]
                 used[i].append((fm, (feature_at[i] + BLOCK + len(fm.npy_header)) // 2))
             for member, at in used[i]:
@@ -270,7 +277,12 @@ class _BatchReader:
                     bad[i] = f"field '{member.name}' contains NaN or inf"
                     break
             else:
-                if self.use_features and f and self.mirror_features:
+                if self.compact:
+                    reason = self._decode_compact(buf, used[i], int(feature_at[i]), f, decoded)
+                    if reason is not None:
+                        bad[i] = reason
+                    decoded += self.decoded_bytes
+                elif self.use_features and f and self.mirror_features:
                     # No stored dino_flip: the features of the mirrored picture are taken to
                     # be the mirrored features (exact for per-patch encoders, close for DINOv2).
                     member, at = used[i][2]
@@ -293,6 +305,55 @@ class _BatchReader:
             raise BadSampleError(*records[0])
         return out, records
 
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes of one sample's decoded (float16) features when they are stored compact, else 0."""
+        return int(np.prod(self.layout.members[FEATURES].shape)) * 2 if self.compact else 0
+
+    def _decode_compact(self, buf: np.ndarray, used: list, feature_at: int, flip: bool, dst: int) -> str | None:
+        """Checks a sample's compact features and decodes them into float16 at byte ``dst`` of ``buf``
+        (mirrored first where that stands in for dino_flip); appends ``(member, float16 index)`` to ``used``.
+
+        Decoding here, in the loader worker, leaves the trainer's process the same float16-to-float32
+        conversion as float16 storage (see docs/data.md, "Compact REPA features").
+
+        Returns:
+            What is wrong, or None.
+        """
+        m = self.layout.members
+        fm = m[FEATURES_FLIP if flip and not self.mirror_features else FEATURES]
+        sm = m[SCALE_OF[fm.name]]
+        values_at = feature_at + fm.payload_offset - fm.offset
+        scale_at = feature_at + sm.payload_offset - fm.offset
+        scales = buf[scale_at : scale_at + sm.payload_bytes].view(np.float32)
+        if not np.isfinite(scales).all():
+            return f"field '{sm.name}' contains NaN or inf"
+        d, hw = fm.shape[0], fm.shape[1] * fm.shape[2]
+        values = buf[values_at : values_at + fm.payload_bytes]
+        if flip and self.mirror_features:
+            # As for float features (see read): mirror each row of values and of the token scales.
+            w = self.hw[1]
+            rows = values.reshape(-1, w)
+            rows[:] = rows[:, ::-1].copy()
+            tokens = scales[d:].reshape(-1, w)
+            tokens[:] = tokens[:, ::-1].copy()
+        out = buf[dst : dst + self.decoded_bytes].view(np.float16)
+        with _one_thread():
+            compact.dequantize_into(torch.from_numpy(values.view(np.int8)).view(d, hw), torch.from_numpy(scales),
+                                    torch.from_numpy(out).view(d, hw), self._decode_scratch(d, hw))
+        if compact.LEVELS * float(scales[:d].max()) * float(scales[d:].max()) > np.finfo(np.float16).max and \
+                not np.isfinite(out).all():
+            return f"field '{fm.name}': values beyond the float16 range"
+        used.append((fm, dst // 2))
+        return None
+
+    def _decode_scratch(self, d: int, hw: int) -> torch.Tensor:
+        # One float32 work area per reader (per worker process after fork), reused for every sample.
+        scratch = getattr(self, "_scratch", None)
+        if scratch is None or scratch.shape != (d, hw):
+            scratch = self._scratch = torch.empty(d, hw)
+        return scratch
+
     def _records(self, indices: np.ndarray, bad: dict[int, str]) -> list[tuple[str, str, str]]:
         records = []
         for i in sorted(bad):
@@ -309,6 +370,8 @@ class _BatchReader:
         if feature_at >= 0:
             fm = members[FEATURES_FLIP if flip and not self.mirror_features else FEATURES]
             to_check.append((fm, feature_at - fm.offset))
+            if self.compact:
+                to_check.append((members[SCALE_OF[fm.name]], feature_at - fm.offset))
         for m, base in to_check:
             header = buf[base + m.offset : base + m.offset + BLOCK]
             name = member_name_in_header(header)
@@ -333,11 +396,12 @@ class _BatchReader:
         """
         try:
             with _one_thread():
-                return self._finish(raw, buffer.tensor(raw["raw"]).view(TORCH_DTYPES[self.dtype]), pin)
+                return self._finish(raw, buffer.tensor(raw["raw"]), pin)
         finally:
             buffer.release(raw["raw"])  # the batch holds copies; the buffer can be refilled
 
-    def _finish(self, raw: dict[str, Any], words: torch.Tensor, pin: bool) -> dict[str, torch.Tensor]:
+    def _finish(self, raw: dict[str, Any], data: torch.Tensor, pin: bool) -> dict[str, torch.Tensor]:
+        words = data.view(TORCH_DTYPES[self.dtype])
         b = len(raw["index"])
         h, w = self.hw
         hw = h * w
@@ -357,8 +421,10 @@ class _BatchReader:
             n = d * hw
             feats = _alloc_output((b, d, h, w), pin)
             flat = feats.view(b, -1)
+            # Compact features were decoded into float16 by stage 1: the same copy as float16 storage.
+            source = data.view(torch.float16) if self.compact else words
             for row, at in enumerate(raw["dino_at"].tolist()):
-                flat[row].copy_(words[at : at + n])
+                flat[row].copy_(source[at : at + n])
             batch["dino"] = feats
         return batch
 
@@ -369,7 +435,7 @@ def _describe_npy(header: bytes, member, layout) -> str:
         np.lib.format.read_magic(f)
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
         order = " (Fortran order)" if fortran else ""
-        return f"is {dtype}{list(shape)}{order}, expected {layout.np_dtype}{list(layout.shapes[member.name])}"
+        return f"is {dtype}{list(shape)}{order}, expected {member.dtype}{list(member.shape)}"
     except Exception:  # noqa: BLE001 - any failure means the header is garbage
         return "is not a valid .npy header"
 
@@ -669,9 +735,11 @@ class CompositeLatentLoader:
         if self.num_workers == 0:
             self._buffers = _Buffers()
         else:
-            # A slot holds the largest raw batch a plan can need (twice that where
-            # gaps are bridged); one more slot per worker than it can have in flight.
-            slot = self.schedule.micro_batch_size * self._reader.layout.stride * (2 if self._reader.max_gap else 1)
+            # A slot holds the largest raw batch a plan can need (twice that where gaps
+            # are bridged) and any decoded features; one more slot per worker than it
+            # can have in flight.
+            reader = self._reader
+            slot = self.schedule.micro_batch_size * (reader.layout.stride * (2 if reader.max_gap else 1) + reader.decoded_bytes)
             self._buffers = _SharedSlots(self.num_workers, self.prefetch_factor + 2, slot)
         stream = _MicroBatchStream(self._reader, self.schedule, self.seed, self.chunk_size, micro, self.read_ahead, self._buffers)
         if self.num_workers == 0:
@@ -814,3 +882,57 @@ def build_loader(data_config: DataConfig, *, global_batch_size: int, micro_batch
     )
     kwargs.update(overrides)
     return CompositeLatentLoader(path, **kwargs)
+
+
+def bytes_per_image(data: Manifest | SampleLayout, *, use_features: bool = True, use_flip: bool = True,
+                    remote: bool = False, run_length: int = DEFAULT_CHUNK_SIZE) -> float:
+    """Bytes the loader fetches per image, on average: what an image costs in data bandwidth.
+
+    Every sample's latents (both variants) and label are one contiguous block, always read; with
+    ``use_features`` the feature variant the sample uses follows (with its scales when stored
+    compact). Locally (``remote=False``) nothing else is read. From object storage the reader
+    bridges a gap of unneeded bytes no bigger than the piece after it (:data:`REMOTE_MAX_GAP`), so
+    some unused bytes are fetched too: this counts them as :meth:`_BatchReader.plan` does, for a
+    flip drawn with probability 1/2 and runs of ``run_length`` consecutive stored samples (the
+    epoch order's chunks).
+
+    Args:
+        data: a dataset's manifest (its fields, dtypes and ``dino_storage``), or a layout, e.g.
+            :meth:`.SampleLayout.for_sizes` from a config's shapes when no data is at hand.
+        use_features, use_flip: as the loader's arguments of the same names.
+        remote: reading from an object store (``s3://``) rather than a file system.
+        run_length: consecutive stored samples per read run (1 = fully random order).
+
+    Returns:
+        Mean bytes per image (the latent block is a few hundred bytes of tar and .npy headers
+        more than the arrays themselves).
+    """
+    layout = data.layout if isinstance(data, Manifest) else data
+    block = layout.latent_block_end
+    has_features = use_features and FEATURES in layout.members
+    if not has_features:
+        if not remote:
+            return float(block)
+        # Without features the pieces are the latent blocks; the features between them are a gap.
+        gap = layout.stride - block
+        bridged = gap <= min(REMOTE_MAX_GAP, block)
+        return float(block + (gap if bridged else 0) * (run_length - 1) / run_length)
+    start, stop = layout.feature_span(FEATURES)
+    span = stop - start
+    if FEATURES_FLIP not in layout.members or not use_flip:
+        # One variant (mirrored when flipped): it follows the latents directly.
+        tail = layout.stride - stop  # the stored but unused dino_flip, if any
+        if not remote or tail == 0:
+            return float(block + span)
+        bridged = tail <= min(REMOTE_MAX_GAP, block)
+        return float(block + span + (tail if bridged else 0) * (run_length - 1) / run_length)
+    flip_start, flip_stop = layout.feature_span(FEATURES_FLIP)
+    flip_span = flip_stop - flip_start
+    needed = block + 0.5 * (span + flip_span)
+    if not remote:
+        return needed
+    # A flipped sample: the unused dino lies between the latents and dino_flip. An unflipped one:
+    # the unused dino_flip lies between it and the next sample's latents.
+    within = span if span <= min(REMOTE_MAX_GAP, flip_span) else 0
+    between = flip_span if flip_span <= min(REMOTE_MAX_GAP, block) else 0
+    return float(needed + 0.5 * within + 0.5 * between * (run_length - 1) / run_length)

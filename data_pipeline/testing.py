@@ -83,6 +83,41 @@ def make_published_folder(
     return out
 
 
+def dinov2_like_features(batch: int, *, dim: int = 768, size: int = 16, outlier_channels: int = 8,
+                         high_norm_tokens: float = 0.01, seed: int = 0) -> torch.Tensor:
+    """Synthetic stand-ins for DINOv2-B patch features (B, dim, size, size), with their awkward parts.
+
+    DINOv2 returns the tokens after its final LayerNorm, so each token is normalised over its
+    channels and then scaled and shifted per channel by the norm's weight and bias. Modelled here:
+    spatially smooth content of low rank (48 factors on a 4x4 grid, upsampled, plus noise), the
+    per-token normalisation, per-channel weights spread log-normally with ``outlier_channels``
+    channels 8-30 times larger (and shifted by half that), which is what makes a per-token scale
+    alone fail, and a fraction ``high_norm_tokens`` of tokens 8 times larger than the rest (the
+    high-norm "artifact" tokens registers were introduced against; rare with registers), which is
+    what makes a per-channel scale alone fail.
+
+    Returns:
+        float32 features, deterministic in ``seed``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rank = 48
+    coarse = torch.randn(batch, rank, max(size // 4, 1), max(size // 4, 1), generator=g)
+    factors = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    factors = factors + 0.3 * torch.randn(batch, rank, size, size, generator=g)
+    mixing = torch.randn(dim, rank, generator=g) / rank**0.5
+    x = torch.einsum("dr,brhw->bdhw", mixing, factors) + 0.5 * torch.randn(batch, dim, size, size, generator=g)
+    x = (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)
+    weight = torch.exp(0.35 * torch.randn(dim, generator=g))
+    bias = 0.3 * torch.randn(dim, generator=g)
+    outliers = torch.randperm(dim, generator=g)[:outlier_channels]
+    gains = 8 + 22 * torch.rand(outlier_channels, generator=g)
+    weight[outliers] *= gains
+    bias[outliers] += 0.5 * gains * torch.sign(torch.randn(outlier_channels, generator=g))
+    x = x * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    high = torch.rand(batch, 1, size, size, generator=g) < high_norm_tokens
+    return torch.where(high, 8 * x, x)
+
+
 def shard_path(dataset: str, manifest: Manifest | None = None, shard: int = 0) -> str:
     manifest = manifest or read_manifest(dataset)
     return os.path.join(dataset, manifest.shards[shard].name)

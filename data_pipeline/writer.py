@@ -49,11 +49,14 @@ class SampleSource(Protocol):
     num_samples: int
     num_classes: int
     storage_dtype: str
+    dino_storage: str | None
+    """How the features are stored: None (like the latents) or ``"int8"`` (see :mod:`.compact`)."""
     shapes: dict[str, tuple[int, ...]]
     """``{field: shape}`` of the array fields the source provides."""
 
     def read(self, indices: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Returns ``({field: array (B, ...) in the storage dtype}, labels (B,))`` for source ``indices``."""
+        """Returns ``({member: array (B, ...) as stored}, labels (B,))`` for source ``indices``
+        (see :func:`~.format.to_stored_arrays`)."""
         ...
 
     def describe(self) -> str:
@@ -120,10 +123,10 @@ class ShardWriter:
                 os.remove(self.tmp)
 
     def add(self, arrays: Mapping[str, np.ndarray], labels: np.ndarray) -> None:
-        """Appends samples: ``{field: (B, ...)}`` in the storage dtype and their labels (B,)."""
+        """Appends samples: ``{member: (B, ...)}`` as stored and their labels (B,)."""
         for j in range(len(labels)):
-            sample = self.layout.encode(self.first_index + self.count + j, {k: arrays[k][j] for k in self.layout.shapes},
-                                        int(labels[j]))
+            sample = self.layout.encode(self.first_index + self.count + j,
+                                        {k: arrays[k][j] for k in self.layout.array_fields}, int(labels[j]))
             self.digest.update(sample)
             self._file.write(sample)
         self.count += len(labels)
@@ -155,7 +158,7 @@ class ShardWriter:
 
 def _write_shard(source: SampleSource, task: _ShardTask) -> dict[str, Any]:
     """Writes one shard of ``source`` (temp name, then rename) and returns its record."""
-    layout = SampleLayout(source.shapes, source.storage_dtype)
+    layout = SampleLayout(source.shapes, source.storage_dtype, source.dino_storage)
     with one_torch_thread(), ShardWriter(task.folder, task.name, task.first_index, layout, task.compute_stats) as shard:
         for lo in range(0, len(task.source_indices), _READ_BLOCK):
             shard.add(*source.read(task.source_indices[lo : lo + _READ_BLOCK]))
@@ -190,14 +193,14 @@ def claim_plan(path: str, plan: Mapping[str, Any]) -> list[str]:
 
 
 def read_shard_arrays(path: str, layout: SampleLayout, count: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Every sample of a local shard: ``({field: (count, ...) in the storage dtype}, labels (count,))``."""
+    """Every sample of a local shard: ``({member: (count, ...) as stored}, labels (count,))``."""
     data = np.fromfile(path, dtype=np.uint8, count=count * layout.stride).reshape(count, layout.stride)
     arrays = {}
     for name, member in layout.members.items():
         if name == LABEL:
             continue
         raw = data[:, member.payload_offset : member.payload_offset + member.payload_bytes]
-        arrays[name] = np.ascontiguousarray(raw).view(layout.np_dtype).reshape(count, *layout.shapes[name])
+        arrays[name] = np.ascontiguousarray(raw).view(member.dtype).reshape(count, *member.shape)
     label = layout.members[LABEL]
     labels = np.array([int(bytes(row[label.payload_offset : label.payload_offset + BLOCK]).split(b"\0", 1)[0])
                        for row in data], dtype=np.int64)
@@ -298,6 +301,7 @@ def finish_dataset(out_dir: str, names: list[str], layout: SampleLayout, *, num_
         num_samples=n,
         num_classes=int(num_classes),
         storage_dtype=layout.storage_dtype,
+        dino_storage=layout.dino_storage,
         shapes=dict(layout.shapes),
         shards=tuple(ShardInfo(**{k: records[nm][k] for k in ("name", "count", "first_index", "bytes", "sha256")}) for nm in names),
         stats={part: {"mean": list(v["mean"]), "std": list(v["std"])} for part, v in stats.items() if part in ("texture", "semantic")},
@@ -343,11 +347,16 @@ def write_dataset(
         The written manifest.
 
     Raises:
-        WriterError: ``out_dir`` holds a different job's output.
+        WriterError: ``out_dir`` holds a different job's output, or the source's fields cannot be
+            stored as it asks (e.g. ``dino_storage="int8"`` without features).
     """
     out_dir = os.fspath(out_dir)
     n = int(source.num_samples)
     names = shard_names(n, shard_size)
+    try:
+        layout = SampleLayout(source.shapes, source.storage_dtype, source.dino_storage)
+    except ValueError as err:
+        raise WriterError(f"{source.describe()}: {err}") from None
     plan = {
         "source": source.describe(),
         "num_samples": n,
@@ -357,12 +366,14 @@ def write_dataset(
         "storage_dtype": source.storage_dtype,
         "shapes": {k: list(v) for k, v in source.shapes.items()},
     }
+    if source.dino_storage not in (None, source.storage_dtype):
+        # Only then: the plans of jobs started before dino_storage existed stay valid.
+        plan["dino_storage"] = source.dino_storage
     if os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
         existing = read_manifest(out_dir)
         if existing.provenance.get("parameters") == plan:
             logger.info("%s already holds this dataset; nothing to do", out_dir)
             return existing
-    layout = SampleLayout(source.shapes, source.storage_dtype)
     records = prepare_job(out_dir, plan, names, layout, shard_size, n)
     perm = writer_permutation(n, seed) if shuffle else np.arange(n, dtype=np.int64)
     tasks = []

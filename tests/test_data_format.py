@@ -29,7 +29,9 @@ def test_layout_is_fixed_stride_and_tar_readable(dataset):
     assert layout.stride % fmt.BLOCK == 0
     with tarfile.open(os.path.join(dataset, m.shards[1].name)) as tar:
         members = tar.getmembers()
-    assert len(members) == m.shards[1].count * len(fmt.MEMBER_ORDER)
+    # Every field, no scale members (those come only with compact features, see test_compact_features.py).
+    assert layout.fields == tuple(name for name in fmt.MEMBER_ORDER if name not in fmt.SCALE_OF.values())
+    assert len(members) == m.shards[1].count * len(layout.fields)
     for j, member in enumerate(members):
         sample, pos = divmod(j, len(layout.fields))
         name = layout.fields[pos]
