@@ -121,6 +121,9 @@ def wait_requeued(job_id: int, restarts: int, timeout: float) -> dict[str, str]:
 
     def requeued():
         info = job_info(job_id)
+        if info.get("JobState") in FINISHED:
+            raise AssertionError(f"job {job_id} ended ({info['JobState']}, {info.get('Restarts')} restarts) "
+                                 f"instead of being requeued")
         return info if info.get("JobState") == "PENDING" and int(info.get("Restarts", 0)) >= restarts else None
 
     return wait_for(requeued, timeout, f"job {job_id} to be requeued ({restarts})")

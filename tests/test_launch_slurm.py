@@ -140,9 +140,10 @@ def test_a_grant_that_cannot_keep_the_global_batch_is_refused(jobs, tmp_path):
     assert not (tmp_path / "torchrun.jsonl").exists()
 
 
-def node_script(tmp_path: Path, out: Path) -> Path:
+def node_script(tmp_path: Path, out: Path, *overrides: str) -> Path:
     config = load_config(None, [f"run.output_dir={out}", "launcher.accelerator=cpu", "launcher.devices_per_node=2",
-                                f"launcher.torchrun={harness.STAND_IN_TORCHRUN}", f"launcher.python={sys.executable}"])
+                                f"launcher.torchrun={harness.STAND_IN_TORCHRUN}", f"launcher.python={sys.executable}",
+                                *overrides])
     job = build_job(config, "slurm", workdir=tmp_path)
     job.freeze_config()
     node = tmp_path / "node.sh"
@@ -177,6 +178,34 @@ def test_node_script_turns_signals_into_a_checkpoint_request(sig, handler_delay,
     assert signals == [signal.SIGUSR2, signal.SIGUSR2], output
     assert f"received SIG{signal.Signals(sig).name[3:]}" in output
     assert "run the same sfd-launch command again to resume" in output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
+def test_a_signal_during_the_node_set_up(sig, tmp_path):
+    """Slurm's warning may come while env_setup still runs: SIGUSR2 is kept and handed to the
+    workers once they run; SIGTERM ends the node at once (nothing to save yet)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    marker, go = tmp_path / "in-set-up", tmp_path / "go"
+    node = node_script(tmp_path, out, f"launcher.env_setup=['touch {marker}; until [ -e {go} ]; do sleep 0.1 || true; done']")
+    record = tmp_path / "torchrun.jsonl"
+    env = harness.base_env(FAKE_TORCHRUN_WORKERS="1", FAKE_TORCHRUN_WORKER_SECONDS="30", FAKE_TORCHRUN_OUTPUT=str(out),
+                           FAKE_TORCHRUN_RECORD=str(record), SFD_NNODES="1", SFD_MASTER_ADDR="127.0.0.1",
+                           SFD_MASTER_PORT=str(free_port()))
+    proc = subprocess.Popen(["bash", str(node)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert fakeslurm.wait_for(marker.exists, timeout=20), "env_setup did not start"
+    proc.send_signal(sig)
+    time.sleep(0.3)
+    go.touch()
+    output, _ = proc.communicate(timeout=30)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143 and "received SIGTERM before training started: stopping" in output, output
+        assert not record.exists()
+        return
+    assert proc.returncode == 0, output
+    assert "SIGUSR2 came before training started" in output, output
+    signals = [e["signum"] for e in harness.read_jsonl(out / "events.jsonl") if e["event"] == "signal"]
+    assert signals == [signal.SIGUSR2, signal.SIGUSR2], output
 
 
 # ---- the stand-in Slurm: only for what the real cluster here cannot serve ----

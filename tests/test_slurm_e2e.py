@@ -132,9 +132,23 @@ def reference(slurm_cluster, tmp_path_factory):
 
 def test_time_limit_warning_leads_to_an_agreed_checkpoint_a_requeue_and_a_bitwise_resume(reference, jobs, tmp_path):
     # A 2-minute limit with the default 90 s lead: slurmctld's warning (SIGUSR2) is due at
-    # once and comes at its next time-limit check, often before the trainer is ready; the
-    # node script holds it until the workers catch it.
-    job_id, out = submit(tmp_path, "launcher.slurm.time='2'")
+    # once and comes at its next time-limit check, within 30 s. So that the test does not
+    # depend on where in that cycle the job started (a fast first run could end before),
+    # the first start holds the trainer until the batch shell has the warning (a test-only
+    # env_setup line): the warning then meets workers that are still starting, which is
+    # what a short limit does, and node.sh must hand it over once they catch it.
+    gate = tmp_path / "wait_for_the_warning.sh"
+    # (The warning reaches every process of the step, so the gate's own commands may die of it.)
+    gate.write_text(
+        'if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then\n'
+        "  for _ in $(seq 240); do\n"
+        f'    grep -qs "received SIGUSR2" {tmp_path}/run/logs/slurm-"$SLURM_JOB_ID".out && break\n'
+        "    sleep 0.25 || true\n"
+        "  done\n"
+        "fi\n"
+    )
+    job_id, out = submit(tmp_path, "launcher.slurm.time='2'",
+                         f"launcher.env_setup=['source {slurm.VENV_BIN / 'activate'}', 'source {gate}']")
     jobs.append(job_id)
     slurm.wait_requeued(job_id, 1, JOB_TIMEOUT)
     # The harness lifts the limit (a real job would just be requeued again each time).
@@ -145,7 +159,7 @@ def test_time_limit_warning_leads_to_an_agreed_checkpoint_a_requeue_and_a_bitwis
 
     note = json.loads((out / "launch" / f"requeue-{job_id}-0.json").read_text())
     assert note["reason"] == "signal SIGUSR2" and 1 <= note["step"] < STEPS, note
-    for line in ("received SIGUSR2: passing it to the training step",
+    for line in ("received SIGUSR2: passing it to the training step", "asking worker",
                  "requeueing: the trainer saved a checkpoint and asked for it", "starting (restart 1)",
                  resumed_line(out, note["step"]),
                  "training finished"):

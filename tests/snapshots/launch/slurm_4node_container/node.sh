@@ -37,9 +37,94 @@ RDZV_ID="${SFD_RDZV_ID:-${SLURM_JOB_ID:-sfd}}"
 readonly NODE_NAME="${SLURMD_NODENAME:-$HOSTNAME}"
 log() { printf '[sfd-launch %s %s node %s] %s\n' "$(date '+%F %T')" "$NODE_NAME" "$NODE_RANK" "$*"; }
 
+# ---- preemption: SIGUSR2 (Slurm's warning) and SIGTERM may come at any time ----
+# Set up first: the warning may arrive while this node is still being set up, and
+# SIGUSR2's default action would end this script. Before torchrun runs, SIGUSR2 is
+# kept for later and SIGTERM ends the node at once (there is nothing to save yet).
+TORCHRUN_PID=""
+# The batch script had the warning before it started this step.
+PREEMPTED="${SFD_PREEMPTED:-}"
+
+# Direct children of process $1, read from /proc (no procps needed in containers).
+# shellcheck disable=SC2329  # called from forward_preemption
+child_pids() {
+  local stat line ppid
+  for stat in /proc/[0-9]*/stat; do
+    read -r line 2>/dev/null <"$stat" || continue
+    # The command name may hold spaces and ')': the fields we need follow its last ')'.
+    read -r _ ppid _ <<<"${line##*) }"
+    if [ "$ppid" = "$1" ]; then
+      stat=${stat%/stat}
+      printf '%s\n' "${stat#/proc/}"
+    fi
+  done
+}
+
+# Whether process $1 has a handler for SIGUSR2 (bit 12 of SigCgt in /proc/PID/status):
+# a worker that has not installed the trainer's handler yet ignores the signal.
+# shellcheck disable=SC2329  # called from deliver_preemption
+catches_usr2() {
+  local text mask
+  # Read in one go: /proc files may not support the seeks of line-by-line reads.
+  { text=$(<"/proc/$1/status"); } 2>/dev/null || return 1
+  mask=${text#*SigCgt:}
+  mask=${mask%%$'\n'*}
+  mask=${mask//[[:space:]]/}
+  [ -n "$mask" ] && [ $((0x$mask & (1 << 11))) -ne 0 ]
+}
+
+# SIGUSR2 and SIGTERM both mean "checkpoint at the next step, then stop". The request
+# goes straight to the workers, torchrun's direct children: the agent does not pass
+# USR2 on, and on TERM it tears the workers down (SIGTERM, SIGKILL 30 s later)
+# instead of letting them save. Only direct children, not their process groups: the
+# workers' own children (data-loader processes) must not get it. Slurm may send its
+# warning while the workers are still starting, before the trainer catches SIGUSR2, so
+# a background loop hands it to each worker once that worker catches it, until
+# torchrun ends.
+# shellcheck disable=SC2329  # started by forward_preemption
+deliver_preemption() {
+  trap '' USR2 TERM INT
+  local pid delivered=" " count=0
+  while kill -0 "$TORCHRUN_PID" 2>/dev/null; do
+    for pid in $(child_pids "$TORCHRUN_PID"); do
+      case "$delivered" in *" $pid "*) continue ;; esac
+      if catches_usr2 "$pid"; then
+        delivered="$delivered$pid "
+        count=$((count + 1))
+        # Logged first: the worker may stop (and the step end) right after the signal.
+        log "asking worker $pid to checkpoint and stop ($count of 8)"
+        kill -s USR2 "$pid" 2>/dev/null
+      fi
+    done
+    [ "$count" -ge 8 ] && return 0
+    sleep 0.5
+  done
+}
+
+# shellcheck disable=SC2329  # called from the traps below
+forward_preemption() {
+  if [ -z "$TORCHRUN_PID" ] && [ "$1" = TERM ]; then
+    log "received SIGTERM before training started: stopping"
+    exit 143
+  fi
+  log "received SIG$1: the workers will checkpoint and stop"
+  if [ -z "$PREEMPTED" ] && [ -n "$TORCHRUN_PID" ]; then
+    deliver_preemption &
+  fi
+  PREEMPTED=$1
+}
+trap 'forward_preemption USR2' USR2
+trap 'forward_preemption TERM' TERM
+
 # A broken node set-up: say why, leave a note for the batch script (srun's exit
 # status no longer tells once --kill-on-bad-exit has stopped the other nodes), stop.
+# After a stop signal the failure may be the signal's doing (it reaches the set-up
+# commands too): then it is an ordinary failure, not a set-up error.
 die() {
+  if [ -n "$PREEMPTED" ]; then
+    log "error: $* (after SIG$PREEMPTED, which may have caused it)" >&2
+    exit 1
+  fi
   log "error: $*" >&2
   printf '%s node %s: %s\n' "$NODE_NAME" "$NODE_RANK" "$*" >>"$SETUP_ERROR_FILE" 2>/dev/null
   exit "$SETUP_ERROR"
@@ -101,75 +186,6 @@ if [ "$NODE_RANK" = 0 ]; then
 fi
 
 # ---- training ----
-TORCHRUN_PID=""
-PREEMPTED=""
-
-# Direct children of process $1, read from /proc (no procps needed in containers).
-# shellcheck disable=SC2329  # called from forward_preemption
-child_pids() {
-  local stat line ppid
-  for stat in /proc/[0-9]*/stat; do
-    read -r line 2>/dev/null <"$stat" || continue
-    # The command name may hold spaces and ')': the fields we need follow its last ')'.
-    read -r _ ppid _ <<<"${line##*) }"
-    if [ "$ppid" = "$1" ]; then
-      stat=${stat%/stat}
-      printf '%s\n' "${stat#/proc/}"
-    fi
-  done
-}
-
-# Whether process $1 has a handler for SIGUSR2 (bit 12 of SigCgt in /proc/PID/status):
-# a worker that has not installed the trainer's handler yet ignores the signal.
-# shellcheck disable=SC2329  # called from deliver_preemption
-catches_usr2() {
-  local text mask
-  # Read in one go: /proc files may not support the seeks of line-by-line reads.
-  { text=$(<"/proc/$1/status"); } 2>/dev/null || return 1
-  mask=${text#*SigCgt:}
-  mask=${mask%%$'\n'*}
-  mask=${mask//[[:space:]]/}
-  [ -n "$mask" ] && [ $((0x$mask & (1 << 11))) -ne 0 ]
-}
-
-# SIGUSR2 and SIGTERM both mean "checkpoint at the next step, then stop". The request
-# goes straight to the workers, torchrun's direct children: the agent does not pass
-# USR2 on, and on TERM it tears the workers down (SIGTERM, SIGKILL 30 s later)
-# instead of letting them save. Only direct children, not their process groups: the
-# workers' own children (data-loader processes) must not get it. Slurm may send its
-# warning while the workers are still starting, before the trainer catches SIGUSR2, so
-# a background loop hands it to each worker once that worker catches it, until
-# torchrun ends.
-# shellcheck disable=SC2329  # started by forward_preemption
-deliver_preemption() {
-  trap '' USR2 TERM INT
-  local pid delivered=" " count=0
-  while kill -0 "$TORCHRUN_PID" 2>/dev/null; do
-    for pid in $(child_pids "$TORCHRUN_PID"); do
-      case "$delivered" in *" $pid "*) continue ;; esac
-      if catches_usr2 "$pid"; then
-        delivered="$delivered$pid "
-        count=$((count + 1))
-        # Logged first: the worker may stop (and the step end) right after the signal.
-        log "asking worker $pid to checkpoint and stop ($count of 8)"
-        kill -s USR2 "$pid" 2>/dev/null
-      fi
-    done
-    [ "$count" -ge 8 ] && return 0
-    sleep 0.5
-  done
-}
-
-# shellcheck disable=SC2329  # called from the traps below
-forward_preemption() {
-  log "received SIG$1: the workers will checkpoint and stop"
-  if [ -z "$PREEMPTED" ] && [ -n "$TORCHRUN_PID" ]; then
-    deliver_preemption &
-  fi
-  PREEMPTED=$1
-}
-trap 'forward_preemption USR2' USR2
-trap 'forward_preemption TERM' TERM
 
 # torchrun's agent has no handler for SIGUSR2, whose default action would kill it,
 # and Slurm may signal every process of the step, not only this script. So torchrun
@@ -188,6 +204,10 @@ trap 'forward_preemption TERM' TERM
     -m sfd_train.train /scratch/sfd/runs/slurm_4node_container/launch/config.yaml run.device=cuda "${LAYOUT_WORDS[@]}"
 ) &
 TORCHRUN_PID=$!
+if [ -n "$PREEMPTED" ]; then
+  log "SIG$PREEMPTED came before training started: the workers will checkpoint and stop"
+  deliver_preemption &
+fi
 
 # `wait` returns early (status > 128) whenever a trapped signal arrives; keep
 # waiting until torchrun itself has exited.

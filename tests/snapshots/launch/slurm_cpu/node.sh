@@ -37,51 +37,13 @@ RDZV_ID="${SFD_RDZV_ID:-${SLURM_JOB_ID:-sfd}}"
 readonly NODE_NAME="${SLURMD_NODENAME:-$HOSTNAME}"
 log() { printf '[sfd-launch %s %s node %s] %s\n' "$(date '+%F %T')" "$NODE_NAME" "$NODE_RANK" "$*"; }
 
-# A broken node set-up: say why, leave a note for the batch script (srun's exit
-# status no longer tells once --kill-on-bad-exit has stopped the other nodes), stop.
-die() {
-  log "error: $*" >&2
-  printf '%s node %s: %s\n' "$NODE_NAME" "$NODE_RANK" "$*" >>"$SETUP_ERROR_FILE" 2>/dev/null
-  exit "$SETUP_ERROR"
-}
-
-cd "$WORKDIR" || die "cannot enter the working directory $WORKDIR"
-
-# ---- what runs where: one block per node in the log ----
-readonly VERSIONS_PY='import importlib.metadata as md, platform, sys
-prefixes = ("torch", "deepspeed", "sfd", "mindspeed", "triton", "apex", "numpy", "nvidia-nccl")
-found = sorted((d.metadata["Name"] or "?", d.version) for d in md.distributions()
-               if (d.metadata["Name"] or "").lower().startswith(prefixes))
-print("python", platform.python_version(), sys.executable)
-print(" ".join(f"{n}=={v}" for n, v in found))'
-command -v "$TORCHRUN" >/dev/null 2>&1 ||
-  die "torchrun not found ($TORCHRUN): activate its environment in launcher.env_setup or set launcher.torchrun"
-log "node $NODE_RANK of $NNODES, rendezvous $MASTER_ADDR:$MASTER_PORT, torchrun: $(command -v "$TORCHRUN")"
-"$PYTHON" -c "$VERSIONS_PY" 2>&1 | sed 's/^/  /' || log "warning: cannot list package versions with $PYTHON"
-env | grep -E '^(CUDA_VISIBLE_DEVICES|NCCL_|GLOO_|HCCL_|ASCEND_|RANK_TABLE_FILE|TASK_QUEUE_ENABLE|CPU_AFFINITY_CONF|PYTORCH_|COMBINED_ENABLE|OMP_NUM_THREADS|SFD_)' | sort | sed 's/^/  /' || true
-log "$(nproc) CPU cores available"
-
-# ---- the layout on the nodes this job was given ----
-# A Slurm job with launcher.slurm.min_nodes may get any node count in its range, and
-# another one after a requeue: the mesh, the per-rank micro-batch and the accumulation
-# follow it (the global batch stays). Node 0 records it, to say when it changed.
-LAYOUT_ARGS="" LAYOUT="" LAYOUT_WAS="" LAYOUT_ERROR=""
-record_layout=()
-[ "$NODE_RANK" = 0 ] && record_layout=(--record "$LAYOUT_FILE")
-layout_vars=$("$PYTHON" -m sfd_train.launchers.layout "$CONFIG_FILE" --nodes "$NNODES" \
-  --nproc-per-node 1 "${record_layout[@]}") ||
-  die "cannot work out the layout with $PYTHON -m sfd_train.launchers.layout (is sfd-train installed there?)"
-eval "$layout_vars"
-[ -z "$LAYOUT_ERROR" ] || die "$LAYOUT_ERROR"
-read -r -a LAYOUT_WORDS <<<"$LAYOUT_ARGS"
-if [ "$NODE_RANK" = 0 ]; then
-  log "layout: $LAYOUT"
-  [ -z "$LAYOUT_WAS" ] || log "the layout changed since the last start, which ran $LAYOUT_WAS"
-fi
-
-# ---- training ----
+# ---- preemption: SIGUSR2 (Slurm's warning) and SIGTERM may come at any time ----
+# Set up first: the warning may arrive while this node is still being set up, and
+# SIGUSR2's default action would end this script. Before torchrun runs, SIGUSR2 is
+# kept for later and SIGTERM ends the node at once (there is nothing to save yet).
 TORCHRUN_PID=""
-PREEMPTED=""
+# The batch script had the warning before it started this step.
+PREEMPTED="${SFD_PREEMPTED:-}"
 
 # Direct children of process $1, read from /proc (no procps needed in containers).
 # shellcheck disable=SC2329  # called from forward_preemption
@@ -141,6 +103,10 @@ deliver_preemption() {
 
 # shellcheck disable=SC2329  # called from the traps below
 forward_preemption() {
+  if [ -z "$TORCHRUN_PID" ] && [ "$1" = TERM ]; then
+    log "received SIGTERM before training started: stopping"
+    exit 143
+  fi
   log "received SIG$1: the workers will checkpoint and stop"
   if [ -z "$PREEMPTED" ] && [ -n "$TORCHRUN_PID" ]; then
     deliver_preemption &
@@ -149,6 +115,56 @@ forward_preemption() {
 }
 trap 'forward_preemption USR2' USR2
 trap 'forward_preemption TERM' TERM
+
+# A broken node set-up: say why, leave a note for the batch script (srun's exit
+# status no longer tells once --kill-on-bad-exit has stopped the other nodes), stop.
+# After a stop signal the failure may be the signal's doing (it reaches the set-up
+# commands too): then it is an ordinary failure, not a set-up error.
+die() {
+  if [ -n "$PREEMPTED" ]; then
+    log "error: $* (after SIG$PREEMPTED, which may have caused it)" >&2
+    exit 1
+  fi
+  log "error: $*" >&2
+  printf '%s node %s: %s\n' "$NODE_NAME" "$NODE_RANK" "$*" >>"$SETUP_ERROR_FILE" 2>/dev/null
+  exit "$SETUP_ERROR"
+}
+
+cd "$WORKDIR" || die "cannot enter the working directory $WORKDIR"
+
+# ---- what runs where: one block per node in the log ----
+readonly VERSIONS_PY='import importlib.metadata as md, platform, sys
+prefixes = ("torch", "deepspeed", "sfd", "mindspeed", "triton", "apex", "numpy", "nvidia-nccl")
+found = sorted((d.metadata["Name"] or "?", d.version) for d in md.distributions()
+               if (d.metadata["Name"] or "").lower().startswith(prefixes))
+print("python", platform.python_version(), sys.executable)
+print(" ".join(f"{n}=={v}" for n, v in found))'
+command -v "$TORCHRUN" >/dev/null 2>&1 ||
+  die "torchrun not found ($TORCHRUN): activate its environment in launcher.env_setup or set launcher.torchrun"
+log "node $NODE_RANK of $NNODES, rendezvous $MASTER_ADDR:$MASTER_PORT, torchrun: $(command -v "$TORCHRUN")"
+"$PYTHON" -c "$VERSIONS_PY" 2>&1 | sed 's/^/  /' || log "warning: cannot list package versions with $PYTHON"
+env | grep -E '^(CUDA_VISIBLE_DEVICES|NCCL_|GLOO_|HCCL_|ASCEND_|RANK_TABLE_FILE|TASK_QUEUE_ENABLE|CPU_AFFINITY_CONF|PYTORCH_|COMBINED_ENABLE|OMP_NUM_THREADS|SFD_)' | sort | sed 's/^/  /' || true
+log "$(nproc) CPU cores available"
+
+# ---- the layout on the nodes this job was given ----
+# A Slurm job with launcher.slurm.min_nodes may get any node count in its range, and
+# another one after a requeue: the mesh, the per-rank micro-batch and the accumulation
+# follow it (the global batch stays). Node 0 records it, to say when it changed.
+LAYOUT_ARGS="" LAYOUT="" LAYOUT_WAS="" LAYOUT_ERROR=""
+record_layout=()
+[ "$NODE_RANK" = 0 ] && record_layout=(--record "$LAYOUT_FILE")
+layout_vars=$("$PYTHON" -m sfd_train.launchers.layout "$CONFIG_FILE" --nodes "$NNODES" \
+  --nproc-per-node 1 "${record_layout[@]}") ||
+  die "cannot work out the layout with $PYTHON -m sfd_train.launchers.layout (is sfd-train installed there?)"
+eval "$layout_vars"
+[ -z "$LAYOUT_ERROR" ] || die "$LAYOUT_ERROR"
+read -r -a LAYOUT_WORDS <<<"$LAYOUT_ARGS"
+if [ "$NODE_RANK" = 0 ]; then
+  log "layout: $LAYOUT"
+  [ -z "$LAYOUT_WAS" ] || log "the layout changed since the last start, which ran $LAYOUT_WAS"
+fi
+
+# ---- training ----
 
 # torchrun's agent has no handler for SIGUSR2, whose default action would kill it,
 # and Slurm may signal every process of the step, not only this script. So torchrun
@@ -167,6 +183,10 @@ trap 'forward_preemption TERM' TERM
     -m sfd_train.train /scratch/sfd/runs/slurm_cpu/launch/config.yaml parallel.backend=gloo run.device=cpu "${LAYOUT_WORDS[@]}"
 ) &
 TORCHRUN_PID=$!
+if [ -n "$PREEMPTED" ]; then
+  log "SIG$PREEMPTED came before training started: the workers will checkpoint and stop"
+  deliver_preemption &
+fi
 
 # `wait` returns early (status > 128) whenever a trapped signal arrives; keep
 # waiting until torchrun itself has exited.
