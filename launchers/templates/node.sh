@@ -11,6 +11,7 @@
 #   SFD_MASTER_ADDR  host of node 0, where the rendezvous runs (default 127.0.0.1)
 #   SFD_MASTER_PORT  rendezvous port (default {{PORT}})
 #   SFD_RDZV_ID      id of a c10d rendezvous (default $SLURM_JOB_ID)
+#   SFD_PREEMPTED    USR2 when the batch script had Slurm's warning before this started
 # Exit status: torchrun's, but 0 when the trainer stopped for a requeue (its REQUEUE
 # file exists, so the checkpoint is complete), and {{SETUP_ERROR}} when this node's
 # set-up is unusable (a retry would fail the same way).
