@@ -161,7 +161,8 @@ class LauncherConfig:
     env: dict[str, Any] = field(default_factory=dict)
     """Environment variables exported on every node, e.g. {NCCL_DEBUG: WARN} (true/false become 1/0)."""
     python: str = "python"
-    """Python interpreter on the nodes (after env_setup), used to log versions and check MindSpeed."""
+    """Python interpreter on the nodes (after env_setup) with sfd-train installed: it works out the layout for
+    the nodes granted (mesh, micro-batch, accumulation), logs versions and checks MindSpeed."""
     torchrun: str = "torchrun"
     """torchrun executable on the nodes (after env_setup)."""
     entrypoint: str = "sfd_train.train"

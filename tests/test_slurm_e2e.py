@@ -7,8 +7,13 @@ node failure handling and allocation sizes are slurmctld's own. The harness only
 what an operator or a dying node would (tests/real_slurm.py): it lets a requeued job
 start without its ~2-minute hold (``scontrol update jobid=J StartTime=now``, never done
 by the product), sets a node DOWN and kills that node's processes, and in the time-limit
-test lifts the 2-minute limit once the job has been requeued, so the resumed run can
-finish.
+test holds the first start's trainer until the warning has come (a test-only env_setup
+line) and lifts the 2-minute limit once the job has been requeued, so the resumed run
+can finish.
+
+Which is which: everything here is real Slurm. tests/test_launch_slurm.py runs the same
+scripts on this cluster with a stand-in torchrun, and keeps the stand-in Slurm of
+tests/fake_cluster only for a job on Ascend NPUs (--gres=npu), which these nodes lack.
 
 One uninterrupted run (``reference``) serves every comparison: the interrupted runs
 must end with its final weights bit for bit; the run that shrinks to one node must stay
@@ -223,9 +228,11 @@ def test_broken_env_setup_fails_once_with_the_reason(jobs, tmp_path):
     assert "requeueing" not in text and not (out / "checkpoints").exists()
 
 
-# Different reduction order (one rank sums 2 micro-batches of 8, two ranks average 8 each):
-# float32 losses drift apart slowly over the steps after the resume.
-LOSS_RTOL = 1e-3
+# One rank accumulating 2 micro-batches of 8 against two ranks of 8 each: another reduction
+# order, so float32 losses and weights may drift apart slowly after the resume. (Measured
+# here: equal to the bit, since halving is exact; with the per-rank batch going 8 -> 16
+# instead, 1.2e-7 in the loss and 2.3e-6 in the weights over 18 steps.)
+LOSS_RTOL = 1e-4
 
 
 def test_resizable_job_loses_a_node_for_good_and_finishes_on_one(reference, jobs, tmp_path):
