@@ -258,37 +258,42 @@ def main(argv=None) -> int:
     results.update(cache_drop=method, ceiling_mb_per_s=ceiling, ceiling_runs=ceilings)
     print(f"sequential read, cold ({method}): {ceiling:.0f} MB/s {[round(c) for c in ceilings]}", file=sys.stderr)
 
-    def repeated(name, reader, path, workers, cache, endpoint=""):
-        runs = []
+    def repeated(entries, workers, cache, endpoint=""):
+        """Runs each ``(name, reader, path)`` of ``entries`` --repeats times, taking turns, so that a
+        machine whose load drifts disturbs the readers being compared alike."""
+        runs = {name: [] for name, _, _ in entries}
         for _ in range(args.repeats):
-            if cache == "cold":
-                drop_page_cache(files[reader])
-            elif cache == "warm":
-                sequential_read(files[reader])
-            runs.append(run_child("published" if reader == "published" else "ours", path, workers, endpoint))
-        best = sorted(runs, key=lambda r: r["samples"] / r["seconds"])[len(runs) // 2]  # the median run
-        r = row(name, workers, cache, best, per_sample[reader], ceiling)
-        r["runs_samples_per_s"] = [x["samples"] / x["seconds"] for x in runs]
-        results["rows"].append(r)
-        r["runs_main_cpu_us_per_sample"] = [1e6 * x["main_cpu_s"] / x["samples"] for x in runs]
-        print(f"{name:>16} {cache:>6} workers={workers}: {r['samples_per_s']:7.0f} samples/s {r['mb_per_s']:6.0f} MB/s "
-              f"{[round(v) for v in r['runs_samples_per_s']]}, main-process CPU "
-              f"{[round(v) for v in r['runs_main_cpu_us_per_sample']]} us/sample", file=sys.stderr)
+            for name, reader, path in entries:
+                if cache == "cold":
+                    drop_page_cache(files[reader])
+                elif cache == "warm":
+                    sequential_read(files[reader])
+                runs[name].append(run_child("published" if reader == "published" else "ours", path, workers, endpoint))
+        for name, reader, _ in entries:
+            best = sorted(runs[name], key=lambda r: r["samples"] / r["seconds"])[len(runs[name]) // 2]  # the median run
+            r = row(name, workers, cache, best, per_sample[reader], ceiling)
+            r["runs_samples_per_s"] = [x["samples"] / x["seconds"] for x in runs[name]]
+            r["runs_main_cpu_us_per_sample"] = [1e6 * x["main_cpu_s"] / x["samples"] for x in runs[name]]
+            results["rows"].append(r)
+            print(f"{name:>16} {cache:>6} workers={workers}: {r['samples_per_s']:7.0f} samples/s {r['mb_per_s']:6.0f} MB/s "
+                  f"{[round(v) for v in r['runs_samples_per_s']]}, main-process CPU "
+                  f"{[round(v) for v in r['runs_main_cpu_us_per_sample']]} us/sample", file=sys.stderr)
 
     readers = [name for name in paths if (name == "published" and "published" in args.readers)
                or (name != "published" and "ours" in args.readers)]
     for cache in [] if args.no_local else args.caches:
-        for reader in readers:
-            for workers in args.workers:
-                repeated(reader, reader, paths[reader], workers, cache)
+        for workers in args.workers:
+            repeated([(reader, reader, paths[reader]) for reader in readers], workers, cache)
 
     if not args.no_s3:
         with moto_server() as endpoint:
+            urls = {}
             for reader, folder in ours.items():
                 print(f"uploading {folder} to moto ...", file=sys.stderr)
-                url = upload(folder, endpoint, os.path.basename(folder))
-                for workers in args.workers:
-                    repeated(f"{reader}, S3 (moto)", reader, url, workers, "server", endpoint)
+                urls[reader] = upload(folder, endpoint, os.path.basename(folder))
+            for workers in args.workers:
+                repeated([(f"{reader}, S3 (moto)", reader, url) for reader, url in urls.items()], workers, "server",
+                         endpoint)
     results["machine"]["load_average_end"] = os.getloadavg()
 
     print(f"\nMachine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB RAM, Linux {info['kernel']}, torch {info['torch']}")

@@ -167,6 +167,8 @@ def _print_report(report: dict[str, Any]) -> None:
     print(f"samples        {report['num_samples']} in {report['num_shards']} shards ({m['shard_pattern']})")
     print(f"classes        {m['num_classes']}")
     print(f"storage dtype  {report['storage_dtype']}")
+    if m.get("dino_storage", report["storage_dtype"]) != report["storage_dtype"]:
+        print(f"dino storage   {m['dino_storage']} (compact REPA features, read as float32)")
     for name, shape in report["shapes"].items():
         print(f"  {name:<15}{'x'.join(map(str, shape))}")
     print(f"statistics     {(m.get('stats') or {}).get('source', 'none')}")

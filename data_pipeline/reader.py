@@ -12,10 +12,11 @@ the epoch order keeps runs of consecutive stored samples together they merge int
 a few large ranges, read with one ``preadv`` each (locally, with a ``WILLNEED``
 hint for the next micro-batch) or one concurrent batch of ranged GETs, into a
 reusable shared-memory slot; headers, labels and values are checked there.
+Compact (int8) REPA features are decoded there too, into float16 beside the raw bytes.
 Stage 2 (the main process): conversion to float32 and normalisation, straight into
-fresh (huge-page or pinned) memory; compact (int8) REPA features are dequantised in
-the same pass. Workers take whole micro-batches round-robin; torch's DataLoader
-returns them in order. :func:`bytes_per_image` says what all this fetches per image.
+fresh (huge-page or pinned) memory. Workers take whole micro-batches round-robin;
+torch's DataLoader returns them in order. :func:`bytes_per_image` says what all this
+fetches per image.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from sfd_train.data_pipeline.format import (
     TORCH_DTYPES,
     SampleLayout,
     member_name_in_header,
+    padded,
     sample_key,
 )
 from sfd_train.data_pipeline.manifest import MANIFEST_NAME, Manifest, read_manifest
@@ -148,6 +150,9 @@ class _BatchReader:
         self.layout = shards.layout
         self.dtype = m.storage_dtype
         self.compact = self.layout.compact and self.use_features
+        # Whole tar blocks, so that every decoded region (and slot) stays aligned for any view.
+        self.decoded_bytes = padded(int(np.prod(self.layout.members[FEATURES].shape)) * 2) if self.compact else 0
+        """Bytes set aside for one sample's decoded (float16) features when they are stored compact, else 0."""
         self.c_tex, self.c_sem = m.channels
         self.hw = m.latent_size
         self.mirror_features = self.use_features and not m.has_flipped_features
@@ -219,7 +224,7 @@ class _BatchReader:
         Raises:
             BadSampleError: the first bad sample, when ``on_bad_sample == "error"``.
         """
-        # Compact features are decoded (stage 1) into float16 behind the raw bytes, one slot per sample.
+        # Compact features are decoded into float16 behind the raw bytes, one region per sample.
         handle, buf = buffer.acquire(plan.total + len(plan.indices) * self.decoded_bytes)
         got = self.storage.read_into(plan.ranges, memoryview(buf), plan.offsets) if plan.ranges else []
         ends = np.array(plan.offsets, dtype=np.int64) + np.array(got, dtype=np.int64)
@@ -278,7 +283,7 @@ class _BatchReader:
                     break
             else:
                 if self.compact:
-                    reason = self._decode_compact(buf, used[i], int(feature_at[i]), f, decoded)
+                    reason = self._prepare_compact(buf, used[i], int(feature_at[i]), f, decoded)
                     if reason is not None:
                         bad[i] = reason
                     decoded += self.decoded_bytes
@@ -289,6 +294,8 @@ class _BatchReader:
                     rows = words[at : at + member.payload_bytes // 2].reshape(-1, self.hw[1])
                     rows[:] = rows[:, ::-1].copy()
 
+        if self.compact:
+            self._decode_compact(buf, used, bad)
         good = np.array([i for i in range(n) if i not in bad], dtype=np.int64)
         out: dict[str, Any] = {
             "raw": handle,
@@ -298,24 +305,18 @@ class _BatchReader:
             "index": torch.from_numpy(plan.indices[good].astype(np.int64)),
         }
         if self.use_features:
-            out["dino_at"] = np.array([used[i][2][1] for i in good], dtype=np.int64)
+            # The float16 index of each sample's features: stored, or decoded from compact storage.
+            out["dino_at"] = np.array([used[i][-1][1] for i in good], dtype=np.int64)
         records = self._records(plan.indices, bad)
         if records and self.on_bad_sample == "error":
             buffer.release(handle)
             raise BadSampleError(*records[0])
         return out, records
 
-    @property
-    def decoded_bytes(self) -> int:
-        """Bytes of one sample's decoded (float16) features when they are stored compact, else 0."""
-        return int(np.prod(self.layout.members[FEATURES].shape)) * 2 if self.compact else 0
-
-    def _decode_compact(self, buf: np.ndarray, used: list, feature_at: int, flip: bool, dst: int) -> str | None:
-        """Checks a sample's compact features and decodes them into float16 at byte ``dst`` of ``buf``
-        (mirrored first where that stands in for dino_flip); appends ``(member, float16 index)`` to ``used``.
-
-        Decoding here, in the loader worker, leaves the trainer's process the same float16-to-float32
-        conversion as float16 storage (see docs/data.md, "Compact REPA features").
+    def _prepare_compact(self, buf: np.ndarray, used: list, feature_at: int, flip: bool, dst: int) -> str | None:
+        """Checks a sample's compact features, mirrors them where that stands in for dino_flip, and
+        appends ``(values member, byte offset)``, ``(scale member, byte offset)`` and ``(values member,
+        float16 index of its decoded features at byte dst)`` to ``used`` for :meth:`_decode_compact`.
 
         Returns:
             What is wrong, or None.
@@ -328,24 +329,36 @@ class _BatchReader:
         scales = buf[scale_at : scale_at + sm.payload_bytes].view(np.float32)
         if not np.isfinite(scales).all():
             return f"field '{sm.name}' contains NaN or inf"
-        d, hw = fm.shape[0], fm.shape[1] * fm.shape[2]
-        values = buf[values_at : values_at + fm.payload_bytes]
         if flip and self.mirror_features:
             # As for float features (see read): mirror each row of values and of the token scales.
             w = self.hw[1]
-            rows = values.reshape(-1, w)
+            rows = buf[values_at : values_at + fm.payload_bytes].reshape(-1, w)
             rows[:] = rows[:, ::-1].copy()
-            tokens = scales[d:].reshape(-1, w)
+            tokens = scales[fm.shape[0] :].reshape(-1, w)
             tokens[:] = tokens[:, ::-1].copy()
-        out = buf[dst : dst + self.decoded_bytes].view(np.float16)
-        with _one_thread():
-            compact.dequantize_into(torch.from_numpy(values.view(np.int8)).view(d, hw), torch.from_numpy(scales),
-                                    torch.from_numpy(out).view(d, hw), self._decode_scratch(d, hw))
-        if compact.LEVELS * float(scales[:d].max()) * float(scales[d:].max()) > np.finfo(np.float16).max and \
-                not np.isfinite(out).all():
-            return f"field '{fm.name}': values beyond the float16 range"
-        used.append((fm, dst // 2))
+        used += [(fm, values_at), (sm, scale_at), (fm, dst // 2)]
         return None
+
+    def _decode_compact(self, buf: np.ndarray, used: dict[int, list], bad: dict[int, str]) -> None:
+        """Decodes the compact features of every good sample into float16 (see :meth:`_prepare_compact`),
+        here in the loader worker: the trainer's process then converts them as it converts float16
+        storage (docs/data.md, "Compact REPA features")."""
+        fm = self.layout.members[FEATURES]
+        d, hw = fm.shape[0], fm.shape[1] * fm.shape[2]
+        raw = torch.from_numpy(buf)
+        values, scales, out = raw.view(torch.int8), raw.view(torch.float32), raw.view(torch.float16)
+        limit = float(np.finfo(np.float16).max)
+        with _one_thread():
+            scratch = self._decode_scratch(d, hw)
+            for i, entries in used.items():
+                if i in bad:
+                    continue
+                (_, values_at), (_, scale_at), (_, at) = entries[2:]
+                s = scales[scale_at // 4 : scale_at // 4 + d + hw]
+                target = out[at : at + d * hw].view(d, hw)
+                compact.dequantize_into(values[values_at : values_at + d * hw].view(d, hw), s, target, scratch)
+                if compact.LEVELS * float(s[:d].max()) * float(s[d:].max()) > limit and not torch.isfinite(target).all():
+                    bad[i] = f"field '{fm.name}': values beyond the float16 range"
 
     def _decode_scratch(self, d: int, hw: int) -> torch.Tensor:
         # One float32 work area per reader (per worker process after fork), reused for every sample.

@@ -291,6 +291,7 @@ def test_cli_writes_compact_datasets(tmp_path, capsys):
                      "--quiet"]) == 0
     assert read_manifest(out).dino_storage == "int8"
     assert sfd_data(["inspect", out, "--quiet"]) == 0
+    assert "dino storage   int8" in capsys.readouterr().out
     make_published_folder(str(tmp_path / "pub"), (12,), feature_dim=None)
     code = sfd_data(["convert", "--from-published", str(tmp_path / "pub"), "--out", str(tmp_path / "c"),
                      "--dino-storage", "int8", "--quiet"])
