@@ -44,9 +44,9 @@ def main() -> None:
     })
     world = init_distributed("cpu")
     torch.manual_seed(0)
-    model = build_model(config.model)
-    params = sum(p.numel() for p in model.parameters())
-    strategy = parallelize_torch(model, world, config)
+    strategy = parallelize_torch(lambda: build_model(config.model), world, config)
+    model = strategy.model
+    params = sum(p.numel() for p in model.parameters())  # global sizes (DTensors)
     root = Path(args.dir or tempfile.mkdtemp(prefix="sfd-bench-ckpt-"))
     manager = CheckpointManager(root, config.checkpoint, world, strategy)
 

@@ -19,7 +19,8 @@ Variants (bf16 autocast, fp32 parameters, random data, REPA projector on):
                        SDPA attention, AdamW (foreach)
   authors+fused-adamw  the authors' model with fused AdamW (separates the optimizer's share)
 
-The "ours" variants get their compiled pieces from sfd_train.engine.compile, as the trainer does.
+The "ours" variants get their compiled pieces from sfd_train.engine.compile and the SFD task's
+loss function (sfd_train.diffusion.training.build_loss_fn), as the trainer does.
 An "ours" variant may carry kernel choices after a '+', as the config's kernels section spells
 them: 'ours-graphs+qk_norm_rope=triton' is ours-graphs with the fused q/k norm + RoPE kernel
 ('+' again for more keys).
@@ -190,7 +191,8 @@ def build_variant(spec: str, cfg: ModelConfig, args, device: str):
 
     from sfd_train.config.schema import Config, ParallelConfig
     from sfd_train.diffusion.objective import draw_loss_inputs, sfd_loss
-    from sfd_train.engine.compile import begin_micro_batch, build_loss_fn, compile_blocks
+    from sfd_train.diffusion.training import build_loss_fn
+    from sfd_train.engine.compile import begin_micro_batch, compile_blocks
     from sfd_train.engine.parallelize import prepare_blocks
     from sfd_train.models import build_model
 

@@ -27,6 +27,7 @@ import io
 import logging
 import os
 import pickle
+import zipfile
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -212,7 +213,7 @@ def _unread(obj: Any, where: str = "", found: list[str] | None = None) -> list[s
 
 
 def load_torch_file(path: str | os.PathLike | io.BytesIO, *, map_location: Any = "cpu",
-                    allowed: dict[str, Any] | None = None, name: str | None = None) -> Any:
+                    allowed: dict[str, Any] | None = None, name: str | None = None, mmap: bool = False) -> Any:
     """The object in a ``torch.save`` file, read without running code from it.
 
     Args:
@@ -221,6 +222,9 @@ def load_torch_file(path: str | os.PathLike | io.BytesIO, *, map_location: Any =
         allowed: extra globals, full name -> object, that this caller knows to be plain data
             classes (constructed for real).
         name: how to name an in-memory buffer in messages.
+        mmap: map the tensors' bytes instead of reading them (``torch.load``'s ``mmap``; files in
+            torch's zip format only, others are read): pages are read when touched, and processes
+            reading the same file share them.
 
     Returns:
         The loaded object; bookkeeping objects of other frameworks appear as :class:`InertRecord`.
@@ -233,20 +237,21 @@ def load_torch_file(path: str | os.PathLike | io.BytesIO, *, map_location: Any =
     import torch
 
     label = name or (os.fspath(path) if not isinstance(path, io.BytesIO) else "<buffer>")
+    mapped = {"mmap": True} if mmap and not isinstance(path, io.BytesIO) and zipfile.is_zipfile(path) else {}
     if trusted():
         logger.warning(f"{label}: read with the full unpickler ({TRUST_ENV}=1): it may run code from the file")
         _rewind(path)
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False, **mapped)
     if not allowed:
         try:
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, **mapped)
         except pickle.UnpicklingError:
             pass  # names other globals: the restricted unpickler below tells harmless from not
     resolver = _Globals(allowed)
     _rewind(path)
     try:
         blob = torch.load(path, map_location=map_location, weights_only=False,
-                          pickle_module=_restricted_pickle_module(resolver))
+                          pickle_module=_restricted_pickle_module(resolver), **mapped)
     except pickle.UnpicklingError:
         if resolver.refused:
             raise UnsafeFileError(label, resolver.refused | _other_unsafe_globals(path, resolver)) from None

@@ -15,6 +15,7 @@ import sys
 from sfd_train.config import ConfigError, config_help, load_config
 from sfd_train.safe_load import add_trust_argument, apply_trust_argument
 from sfd_train.config.loader import parse_args_with_overrides
+from sfd_train.config.registry import DEFAULT_TASK, describe_tasks, task_of_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", nargs="?", help="a YAML file (ours or the authors') or a preset in configs/ (e.g. tiny)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=1000")
     add_trust_argument(parser)
-    parser.add_argument("--help-config", nargs="?", const="sfd", metavar="TASK",
-                        help="list every config key with its default and meaning; TASK: sfd (default) or semvae "
-                        "(a YAML file with `task: semvae` trains the SemVAE, e.g. the preset semvae_ch16)")
+    parser.add_argument("--help-config", nargs="?", const=DEFAULT_TASK, metavar="TASK",
+                        help="list every config key of a training task with its default and meaning. The tasks "
+                        f"(`task: NAME` at the top of a YAML file selects one): {describe_tasks()}")
     return parser
 
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from sfd_train.engine.run import run_training
 
-    return run_training(config)
+    return run_training(config, task_of_config(config).task_class())
 
 
 if __name__ == "__main__":

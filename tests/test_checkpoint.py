@@ -1,5 +1,6 @@
 """Checkpoints: exact resume after SIGKILL, resharding, preemption, bad checkpoints, export."""
 
+import copy
 import json
 import os
 import signal
@@ -154,10 +155,10 @@ def test_export_writes_the_published_form_and_init_from_loads_it(finished_run, t
     model = build_model(model_config)
     model.load_state_dict(blob["model"], strict=True)  # as the authors' inference code would
     assert any(not torch.equal(blob["model"][k], blob["ema"][k]) for k in blob["model"])
-    fresh = build_model(model_config)
-    ema = load_initial_weights(fresh, str(out))
+    fresh, ema = build_model(model_config), build_model(model_config)
+    load_initial_weights(fresh, ema, str(out))
     assert all(torch.equal(v, blob["model"][k]) for k, v in fresh.state_dict().items())
-    assert ema is not None and torch.equal(ema["final_layer.linear.weight"], blob["ema"]["final_layer.linear.weight"])
+    assert torch.equal(ema.state_dict()["final_layer.linear.weight"], blob["ema"]["final_layer.linear.weight"])
     # Fine-tuning from it: the first loss is that of the trained weights, not of a fresh model.
     scratch, tuned = tmp_path / "scratch", tmp_path / "tuned"
     train(config_path, [f"run.output_dir={scratch}", "train.max_steps=1"])
@@ -165,4 +166,4 @@ def test_export_writes_the_published_form_and_init_from_loads_it(finished_run, t
     assert losses(tuned)[1] < losses(scratch)[1]
     wrong = build_model(build_config({"model": {**blob["config"]["model"], "depth": 3}}).model)
     with pytest.raises(CheckpointError, match="does not fit this model"):
-        load_initial_weights(wrong, str(out))
+        load_initial_weights(wrong, copy.deepcopy(wrong), str(out))

@@ -6,7 +6,7 @@ from torch._dynamo.utils import counters
 
 from sfd_train.config.schema import Config, ModelConfig, ParallelConfig
 from sfd_train.diffusion.objective import LossInputs
-from sfd_train.engine.compile import build_loss_fn
+from sfd_train.diffusion.training import build_loss_fn
 from sfd_train.engine.parallelize import prepare_blocks
 from sfd_train.models import build_model
 

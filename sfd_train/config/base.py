@@ -149,7 +149,7 @@ def from_mapping(cls: type, data: Mapping[str, Any] | None, prefix: str = "") ->
         default = _section_default(fields[name])
         if default is not None and isinstance(value, Mapping):
             # A section given in part keeps its parent's defaults for the rest (a job type may
-            # default a shared section differently, e.g. the SemVAE's optimizer).
+            # default a shared section differently, e.g. its optimizer).
             value = {**to_dict(default), **value}
         kwargs[name] = _coerce(value, hints[name], key)
     obj = cls(**kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -15,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sfd_train.config.base import ConfigError, describe, from_mapping, to_dict
 from sfd_train.config.published import is_published_config, translate_published_config
+from sfd_train.config.registry import DEFAULT_TASK, get_task
 from sfd_train.config.schema import Config
 
 # Presets shipped in configs/ can be named without their path: `sfd-train tiny`.
@@ -153,20 +155,16 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_config(*layers: Mapping[str, Any]) -> Config:
-    """Merges nested mappings left to right and validates the result: a :class:`Config` (an SFD job),
-    or a :class:`~sfd_train.config.semvae.SemVAEJobConfig` when they say ``task: semvae``."""
+def build_config(*layers: Mapping[str, Any]) -> Any:
+    """Merges nested mappings left to right and validates the result as the config of the task their
+    ``task`` key names (:mod:`sfd_train.config.registry`; by default an SFD job, a :class:`Config`)."""
     merged: dict[str, Any] = {}
     for layer in layers:
         merged = _merge(merged, layer)
-    task = merged.get("task", "sfd")
-    if task == "semvae":
-        from sfd_train.config.semvae import SemVAEJobConfig
-
-        return from_mapping(SemVAEJobConfig, merged)
-    if task != "sfd":
-        raise ConfigError("task", f"{task!r} is not a task; choose 'sfd' (the default) or 'semvae'")
-    return from_mapping(Config, {k: v for k, v in merged.items() if k != "task"})
+    root = get_task(merged.get("task", DEFAULT_TASK)).config_class()
+    if "task" not in {f.name for f in dataclasses.fields(root)}:
+        merged.pop("task", None)  # the key only selected the config class
+    return from_mapping(root, merged)
 
 
 def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), notes: list[str] | None = None) -> Config:
@@ -201,15 +199,10 @@ def save_config(config: Config, path: str | os.PathLike) -> None:
         yaml.safe_dump(to_dict(config), f, sort_keys=False)
 
 
-def config_help(task: str = "sfd") -> str:
-    """Every config key of a task's jobs (``sfd`` or ``semvae``) with its type, default and docstring,
-    for ``--help-config``."""
-    if task == "semvae":
-        from sfd_train.config.semvae import SemVAEJobConfig as root
-    elif task == "sfd":
-        root = Config
-    else:
-        raise ConfigError("task", f"{task!r} is not a task; choose 'sfd' or 'semvae'")
+def config_help(task: str = DEFAULT_TASK) -> str:
+    """Every config key of a task's jobs (see :mod:`sfd_train.config.registry`) with its type, default
+    and docstring, for ``--help-config``."""
+    root = get_task(task).config_class()
     lines = []
     section = None
     for key, type_name, default, doc in describe(root):

@@ -222,7 +222,7 @@ class OptimizerConfig:
     warmup_steps: int = 0
     """Linear learning-rate warm-up over this many optimizer steps."""
     warmup_start: float = 0.0
-    """Where the warm-up starts, as a fraction of lr (0: from 0; the SemVAE recipe: 0.01)."""
+    """Where the warm-up starts, as a fraction of lr (0: from 0; a task may default it otherwise)."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     """Learning-rate schedule after warm-up, down to min_lr_ratio * lr at train.max_steps."""
     decay_start: int = 0

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
 from sfd_train.config import Config, ConfigError
-from sfd_train.diffusion.objective import LossInputs, draw_global_inputs
+from sfd_train.diffusion.objective import LossInputs, combine_terms, draw_global_inputs, objective_terms
 from sfd_train.diffusion.sampler import sample_with_config
-from sfd_train.engine.compile import build_loss_fn
+from sfd_train.engine.compile import compile_step
 from sfd_train.engine.task import TrainingTask
 from sfd_train.engine.visualize import save_sample_grid
 from sfd_train.kernels import build_kernel_ops
@@ -30,9 +30,29 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("sfd_train")
 
+LossFn = Callable[[nn.Module, torch.Tensor, LossInputs, "torch.Tensor | None"], dict[str, torch.Tensor]]
+
+
+def build_loss_fn(config: Config) -> LossFn:
+    """The function that computes one micro-batch's loss: ``fn(model, x, inputs, features)``.
+
+    Returns ``{"loss": weighted total, "mse", "cos", "repa": batch means}`` (see
+    :func:`sfd_train.diffusion.objective.combine_terms`); compiled as a whole with
+    ``parallel.compile_scope: step`` (:func:`~sfd_train.engine.compile.compile_step`). The random
+    inputs are drawn outside, so a compiled step replays exactly what the eager one computes.
+    """
+    model_config, objective = config.model, config.objective
+
+    def training_loss(model: nn.Module, x: torch.Tensor, inputs: LossInputs, features: torch.Tensor | None):
+        return combine_terms(objective_terms(model, x, inputs, features, model_config, objective), objective)
+
+    return compile_step(training_loss, config.parallel)
+
 
 class SFDTask(TrainingTask):
     """The SFD diffusion model on composite latents (REPA loss when the data have features)."""
+
+    config_class = Config
 
     def __init__(self, config: Config, loader: Any):
         super().__init__(config, loader)
@@ -66,8 +86,9 @@ class SFDTask(TrainingTask):
             raise ConfigError("model.repa_feature_dim", f"the data's REPA features have {features} channels, "
                                                         f"the model projects to {model.repa_feature_dim}")
 
-    def build_model(self, device: torch.device) -> nn.Module:
-        return build_model(self.config.model, build_kernel_ops(self.config.kernels, device.type))
+    @classmethod
+    def build_model(cls, config: Config, device_type: str) -> nn.Module:
+        return build_model(config.model, build_kernel_ops(config.kernels, device_type))
 
     def step_draws(self, generator: torch.Generator, device: torch.device) -> Any:
         config = self.config

@@ -11,8 +11,8 @@ Two scopes:
   objective's elementwise work stops running as separate eager kernels. Wrappers that run
   their own hooks (DDP's forward, FSDP2's per-block hooks) split the graph where they sit.
 
-Model and objective code know nothing of this: the trainer and the step benchmark both
-get their loss function from :func:`build_loss_fn`.
+Model and objective code know nothing of this: a task hands its loss function to
+:func:`compile_step` (the SFD task's lives next to that task; the step benchmark uses it too).
 """
 
 from __future__ import annotations
@@ -22,10 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from sfd_train.config.schema import CUDA_GRAPH_MODES, Config, ParallelConfig
-from sfd_train.diffusion.objective import LossInputs, combine_terms, objective_terms
-
-LossFn = Callable[[nn.Module, torch.Tensor, LossInputs, "torch.Tensor | None"], dict[str, torch.Tensor]]
+from sfd_train.config.schema import CUDA_GRAPH_MODES, ParallelConfig
 
 
 def compile_kwargs(parallel: ParallelConfig) -> dict:
@@ -40,23 +37,13 @@ def compile_blocks(model: nn.Module, parallel: ParallelConfig) -> None:
         block.compile(fullgraph=False, **compile_kwargs(parallel))
 
 
-def build_loss_fn(config: Config) -> LossFn:
-    """The function that computes one micro-batch's loss: ``fn(model, x, inputs, features)``.
-
-    Returns ``{"loss": weighted total, "mse", "cos", "repa": batch means}`` (see
-    :func:`sfd_train.diffusion.objective.combine_terms`); compiled as a whole with
-    ``parallel.compile_scope: step``. The random inputs are drawn outside, so a compiled
-    step replays exactly what the eager one computes.
-    """
-    model_config, objective = config.model, config.objective
-
-    def training_loss(model: nn.Module, x: torch.Tensor, inputs: LossInputs, features: torch.Tensor | None):
-        return combine_terms(objective_terms(model, x, inputs, features, model_config, objective), objective)
-
-    parallel = config.parallel
+def compile_step(fn: Callable, parallel: ParallelConfig) -> Callable:
+    """``fn`` (a task's micro-batch loss) compiled as one graph with ``parallel.compile_scope: step``,
+    else ``fn`` itself. The task draws its random inputs outside ``fn``, so a compiled step replays
+    exactly what the eager one computes."""
     if parallel.compile and parallel.compile_scope == "step":
-        return torch.compile(training_loss, fullgraph=False, **compile_kwargs(parallel))
-    return training_loss
+        return torch.compile(fn, fullgraph=False, **compile_kwargs(parallel))
+    return fn
 
 
 def begin_micro_batch(parallel: ParallelConfig) -> None:

@@ -13,8 +13,6 @@ from typing import Any
 logger = logging.getLogger("sfd_train")
 
 METRICS_FILE = "metrics.jsonl"
-LOSS_TERMS = ("mse", "cos", "repa", "l1", "kl")
-"""Loss terms shown in progress lines when a task reports them (SFD: mse, cos, repa; SemVAE: mse, l1, cos, kl)."""
 
 
 class Throughput:
@@ -38,10 +36,14 @@ class Throughput:
         return rate, mfu
 
 
-def format_progress(step: int, max_steps: int, values: dict[str, float]) -> str:
-    """``step 100/600 | loss 0.812 (mse 0.61 cos 0.19 repa 0.01) | 1234 img/s | MFU 41.2% | ...``."""
+def format_progress(step: int, max_steps: int, values: dict[str, float], loss_terms: tuple[str, ...] = ()) -> str:
+    """``step 100/600 | loss 0.812 (mse 0.61 cos 0.19 repa 0.01) | 1234 img/s | MFU 41.2% | ...``.
+
+    Args:
+        loss_terms: the names of the task's loss terms in ``values``, shown in this order.
+    """
     parts = [f"step {step}/{max_steps}"]
-    terms = " ".join(f"{k} {values[k]:.4g}" for k in LOSS_TERMS if k in values)
+    terms = " ".join(f"{k} {values[k]:.4g}" for k in loss_terms if k in values)
     parts.append(f"loss {values['loss']:.4f}" + (f" ({terms})" if terms else ""))
     parts.append(f"{values['images_per_s']:.1f} img/s")
     mfu = values.get("mfu")

@@ -1,5 +1,6 @@
-"""Applies parallelism to a built model, in torchtitan's order:
-tensor parallel -> activation checkpointing -> compile -> sharding (DDP or FSDP2).
+"""Applies parallelism to a model defined on the meta device, in torchtitan's order:
+tensor parallel -> activation checkpointing -> compile -> sharding (DDP or FSDP2), then
+materialises and initialises each rank's part (:mod:`sfd_train.engine.materialize`).
 
 DeepSpeed ZeRO lives in :mod:`sfd_train.engine.zero`; both return a
 :class:`~sfd_train.engine.strategy.Strategy`.
@@ -8,6 +9,7 @@ DeepSpeed ZeRO lives in :mod:`sfd_train.engine.zero`; both return a
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import nn
@@ -19,9 +21,11 @@ from torch.nn.parallel import DistributedDataParallel
 from sfd_train.config.schema import Config
 from sfd_train.engine.compile import compile_blocks
 from sfd_train.engine.distributed import World
+from sfd_train.engine.materialize import InitPlan, copy_local_state, define_on_meta
 from sfd_train.engine.optim import build_adamw, build_scheduler
 from sfd_train.engine.strategy import TorchStrategy
 from sfd_train.engine.tensor_parallel import apply_tensor_parallel
+from sfd_train.engine.weights import load_initial_weights
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -74,24 +78,38 @@ def prepare_blocks(model: nn.Module, config: Config) -> None:
         compile_blocks(model, config.parallel)
 
 
-def make_ema(model: nn.Module, ema_state: dict[str, torch.Tensor] | None) -> nn.Module:
-    """A frozen copy of ``model``, optionally loaded with saved EMA weights."""
-    ema = copy.deepcopy(model).requires_grad_(False)
-    if ema_state is not None:
-        ema.load_state_dict(ema_state, strict=True)
-    return ema.eval()
+def define_model_and_ema(build: Callable[[], nn.Module]) -> tuple[nn.Module, nn.Module, InitPlan]:
+    """The model and its EMA defined on the meta device (no memory), and the model's recorded
+    initialisation. The EMA is a frozen twin; it gets its values from the model's, shard by shard."""
+    model, plan = define_on_meta(build)
+    ema = copy.deepcopy(model).requires_grad_(False)  # a copy of meta tensors: no data
+    return model, ema.eval(), plan
 
 
-def parallelize_torch(model: nn.Module, world: World, config: Config, find_unused_parameters: bool = False,
-                      ema_state: dict[str, torch.Tensor] | None = None) -> TorchStrategy:
-    """DDP or FSDP2 around ``model`` (built identically on every rank), with AdamW and the EMA.
+def initialise(model: nn.Module, ema: nn.Module, plan: InitPlan, init_from: str | None) -> None:
+    """Gives the materialised (possibly sharded) model and EMA their first values, each rank its part:
+    the recorded initialisation, then ``checkpoint.init_from``'s weights if given; the EMA starts as
+    a copy of the model's local shards (or the checkpoint's EMA)."""
+    plan.replay(model)
+    copy_local_state(ema, model)
+    if init_from:
+        load_initial_weights(model, ema, init_from)
+
+
+def parallelize_torch(build: Callable[[], nn.Module], world: World, config: Config,
+                      find_unused_parameters: bool = False) -> TorchStrategy:
+    """DDP or FSDP2 (HSDP, TP) with AdamW and the EMA; no rank ever holds a model it does not keep.
+
+    The model and the EMA are defined on the meta device, parallelised there, then materialised on
+    the device (``to_empty``: FSDP2 allocates this rank's shards only, DDP the whole model it needs)
+    and initialised (:func:`initialise`): bit for bit the values of the full build, on any number of
+    ranks and any layout.
 
     Args:
-        model: the full model on the CPU or the device; ``model.blocks`` are the sharding units.
+        build: makes the model (the task's ``build_model``); called on the meta device.
         find_unused_parameters: some parameters get no gradient (DDP must look for them).
-        ema_state: initial EMA weights (fine-tuning); a copy of the model's otherwise.
     """
-    ema = make_ema(model, ema_state)
+    model, ema, plan = define_model_and_ema(build)
     data_mesh = tp_mesh = None
     if config.parallel.strategy == "fsdp2":
         data_mesh, tp_mesh = device_meshes(world, config)
@@ -102,19 +120,19 @@ def parallelize_torch(model: nn.Module, world: World, config: Config, find_unuse
     if config.parallel.strategy == "fsdp2":
         apply_fsdp2(model, data_mesh, config)
         apply_fsdp2(ema, data_mesh, config)
-        model.to(world.device)
-        ema.to(world.device)
+    elif config.parallel.strategy != "ddp":
+        raise ValueError(f"parallelize_torch does not handle parallel.strategy={config.parallel.strategy!r}")
+    model.to_empty(device=world.device)
+    ema.to_empty(device=world.device)
+    initialise(model, ema, plan, config.checkpoint.init_from)
+    if config.parallel.strategy == "fsdp2":
         wrapped: nn.Module = model
-    elif config.parallel.strategy == "ddp":
-        model.to(world.device)
-        ema.to(world.device)
+    else:
         wrapped = DistributedDataParallel(
             model,
             device_ids=[world.device.index] if world.device.type == "cuda" else None,
             find_unused_parameters=find_unused_parameters,
         )
-    else:
-        raise ValueError(f"parallelize_torch does not handle parallel.strategy={config.parallel.strategy!r}")
     optimizer = build_adamw(model.parameters(), config.optimizer, world.device)
     scheduler = build_scheduler(optimizer, config.optimizer, config.train.max_steps)
     return TorchStrategy(

@@ -31,6 +31,7 @@ from sfd_train.engine.distributed import init_distributed, shutdown
 from sfd_train.engine.liveness import Heartbeat, LauncherWatch, describe_silent_ranks, is_collective_timeout, \
     launched_by_torchrun
 from sfd_train.engine.run_lock import RunFolderBusy
+from sfd_train.engine.task import TrainingTask
 from sfd_train.safe_load import UnsafeFileError
 
 FOLDER_BUSY_EXIT_CODE = 3
@@ -40,8 +41,13 @@ FAILED_EXIT_CODE = 1
 logger = logging.getLogger("sfd_train")
 
 
-def run_training(config: Config) -> int:
-    """Trains with ``config`` on this process's rank; returns the exit code."""
+def run_training(config: Config, task: type[TrainingTask]) -> int:
+    """Trains ``task`` with ``config`` on this process's rank; returns the exit code.
+
+    Args:
+        config: the validated job config (of the task's config class).
+        task: what is trained (from :mod:`sfd_train.config.registry`).
+    """
     # The model returns a reshaped (view) velocity; nothing modifies it in place, which
     # is what this FSDP2 warning is about.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -59,7 +65,7 @@ def run_training(config: Config) -> int:
 
     trainer = None
     try:
-        trainer = Trainer(config, world, heartbeat=heartbeat)
+        trainer = Trainer(config, world, task, heartbeat=heartbeat)
         return trainer.fit()
     except RunFolderBusy:  # rank 0 has logged which job holds the folder
         return FOLDER_BUSY_EXIT_CODE

@@ -84,7 +84,7 @@ class Strategy:
         apply_optimizer_config(self.optimizer, self.scheduler, config)
 
 
-class _ModelState:
+class ModelState:
     """DCP-Stateful view of a (possibly sharded) model."""
 
     def __init__(self, model: nn.Module):
@@ -171,8 +171,8 @@ class TorchStrategy(Strategy):
     def checkpoint_items(self) -> dict[str, Any]:
         """DCP-Stateful items: sharded under FSDP2, so a checkpoint can be resharded on load."""
         return {
-            "model": _ModelState(self.model),
-            "ema": _ModelState(self.ema),
+            "model": ModelState(self.model),
+            "ema": ModelState(self.ema),
             "optim": _OptimizerState(self.model, self.optimizer, self.scheduler),
         }
 

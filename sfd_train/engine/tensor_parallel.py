@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.distributed.tensor.placement_types import _StridedShard
 
@@ -140,26 +140,38 @@ def is_split_by_parts(t: torch.Tensor) -> bool:
     return bool(names) and names[-1] == "tp" and isinstance(t.placements[-1], _StridedShard)
 
 
-def local_rows(t: DTensor) -> torch.Tensor:
-    """The global row (dim 0) of each local row of a tensor split by parts, with FSDP's shards of it.
+def global_index(t: DTensor) -> list[torch.Tensor | None]:
+    """For each dimension of ``t``, the global indices of its local tensor's entries (None: all of them).
 
-    FSDP2 shards the TP-local tensor along dim 0 (``torch.chunk`` over each data-parallel mesh
-    dimension with a Shard placement); Replicate dimensions hold copies.
+    The layouts this engine builds: tensor parallel first, on the mesh's last dimension ``tp``
+    (contiguous ``Shard``, or a split by parts, see :func:`split_by_parts`), then FSDP2 shards the
+    TP-local tensor along dim 0 (``torch.chunk``) over each data-parallel mesh dimension with a Shard
+    placement, innermost first; Replicate dimensions hold copies. So the placements are undone from
+    the mesh's last dimension to its first.
     """
     mesh, placements = t.device_mesh, t.placements
     coordinate = mesh.get_coordinate()
-    tp, j = mesh.size(-1), coordinate[-1]
-    rows = torch.arange(t.shape[0])
-    rows = torch.cat([part.chunk(tp)[j] for part in rows.chunk(placements[-1].split_factor)])
-    for dim in range(mesh.ndim - 2, -1, -1):
-        if isinstance(placements[dim], Replicate):
+    names = mesh.mesh_dim_names or ()
+    index: list[torch.Tensor | None] = [None] * t.dim()
+    for mesh_dim in range(mesh.ndim - 1, -1, -1):
+        placement = placements[mesh_dim]
+        if not isinstance(placement, (Shard, _StridedShard)):
             continue
-        if placements[dim].dim != 0:
-            # apply_tensor_parallel never builds this (FSDP2 shards dim 0); say so rather than guess.
-            raise ValueError(f"a split-by-parts tensor is also sharded on dim {placements[dim].dim}: not a layout "
-                             "this module builds")
-        chunks = rows.chunk(mesh.size(dim))
-        rows = chunks[coordinate[dim]] if coordinate[dim] < len(chunks) else rows[:0]
+        dim, size, position = placement.dim, mesh.size(mesh_dim), coordinate[mesh_dim]
+        current = index[dim] if index[dim] is not None else torch.arange(t.shape[dim])
+        if isinstance(placement, _StridedShard) and names and names[mesh_dim] == "tp":
+            current = torch.cat([part.chunk(size)[position] for part in current.chunk(placement.split_factor)])
+        else:
+            chunks = current.chunk(size)
+            current = chunks[position] if position < len(chunks) else current[:0]
+        index[dim] = current
+    return index
+
+
+def local_rows(t: DTensor) -> torch.Tensor:
+    """The global row (dim 0) of each local row of ``t`` (a tensor split by parts, with FSDP's shards of it)."""
+    rows = global_index(t)[0]
+    rows = torch.arange(t.shape[0]) if rows is None else rows
     local = t.to_local()
     if local.shape[0] != rows.numel():
         raise AssertionError(f"{local.shape[0]} local rows, expected {rows.numel()}")

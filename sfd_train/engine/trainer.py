@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,8 @@ from sfd_train.engine.preemption import (
     write_requeue_marker,
 )
 from sfd_train.engine.run_lock import lock_run_folder
-from sfd_train.engine.task import task_class
+from sfd_train.engine.task import TrainingTask
 from sfd_train.engine.visualize import save_loss_plot
-from sfd_train.engine.weights import load_initial_weights
 
 logger = logging.getLogger("sfd_train")
 
@@ -104,10 +104,11 @@ class Trainer:
     Args:
         config: the validated job config.
         world: this rank's place in the process group (see ``init_distributed``).
+        task: what is trained (a :class:`~sfd_train.engine.task.TrainingTask`, from the registry).
         heartbeat: told the current step, so that a stuck job can say where each rank was.
     """
 
-    def __init__(self, config: Config, world: World, heartbeat: Heartbeat | None = None):
+    def __init__(self, config: Config, world: World, task: type[TrainingTask], heartbeat: Heartbeat | None = None):
         from sfd_train.data_pipeline.reader import build_loader
 
         self.config, self.world, self.heartbeat = config, world, heartbeat
@@ -124,28 +125,25 @@ class Trainer:
         random.seed(train.seed + world.rank)
         np.random.seed(train.seed + world.rank)
 
-        task_type = task_class(config)
         try:
             self.loader = build_loader(
                 config.data, global_batch_size=train.global_batch_size, micro_batch_size=self.micro_batch,
                 rank=self.data_rank, world_size=self.data_world, seed=train.seed,
-                pin_memory=self.device.type != "cpu", **task_type.loader_options(config),
+                pin_memory=self.device.type != "cpu", **task.loader_options(config),
             )
         except ManifestError as err:
             raise ConfigError("data.path", str(err)) from None
-        self.task = task_type(config, self.loader)
+        self.task = task(config, self.loader)
         self.task.check_data()
 
         torch.manual_seed(train.seed)  # the same initial weights on every rank and world size
-        model = self.task.build_model(self.device)
-        ema_state = load_initial_weights(model, config.checkpoint.init_from) if config.checkpoint.init_from else None
+        build = partial(task.build_model, config, self.device.type)  # defined on the meta device
         if config.parallel.strategy in ("ddp", "fsdp2"):
-            self.strategy = parallelize_torch(model, world, config, self.task.find_unused_parameters,
-                                              ema_state=ema_state)
+            self.strategy = parallelize_torch(build, world, config, self.task.find_unused_parameters)
         else:
             from sfd_train.engine.zero import ZeroStrategy
 
-            self.strategy = ZeroStrategy(model, world, config, ema_state=ema_state)
+            self.strategy = ZeroStrategy(build, world, config)
         self.checkpoints = CheckpointManager(self.run_dir, config.checkpoint, world, self.strategy)
         self.step = 0
         self._resume()
@@ -317,7 +315,8 @@ class Trainer:
                 f"loss spike at step {self.step}: {values['loss']:.4f} > {factor} x the running mean "
                 f"{running_loss:.4f} (train.loss_spike_factor); resume from the newest checkpoint with a lower lr"
             )
-        self.metrics.log(self.step, values, format_progress(self.step, self.config.train.max_steps, values))
+        terms = tuple(name for name in totals if name not in ("loss", "grad_norm"))
+        self.metrics.log(self.step, values, format_progress(self.step, self.config.train.max_steps, values, terms))
         return values["loss"] if running_loss is None else 0.9 * running_loss + 0.1 * values["loss"]
 
     def _stop_for_requeue(self, reason: str) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from sfd_train.config.schema import Config
 from sfd_train.device import deepspeed_accelerator
 from sfd_train.engine.distributed import World
 from sfd_train.engine.optim import build_adamw, build_scheduler
-from sfd_train.engine.parallelize import make_ema, prepare_blocks
+from sfd_train.engine.parallelize import define_model_and_ema, initialise, prepare_blocks
 from sfd_train.engine.strategy import Strategy, clean_name
 from sfd_train.safe_load import load_torch_file
 
@@ -104,17 +104,19 @@ def use_safe_checkpoint_reads(engine) -> None:
 class ZeroStrategy(Strategy):
     """A DeepSpeed engine with our AdamW and schedule as its client optimizer."""
 
-    def __init__(self, model: nn.Module, world: World, config: Config,
-                 ema_state: dict[str, torch.Tensor] | None = None):
+    def __init__(self, build: Callable[[], nn.Module], world: World, config: Config):
         deepspeed = import_deepspeed(world.device.type)
         self.deepspeed = deepspeed
         self.kind = config.parallel.strategy
         self.stage = ZERO_STAGES[self.kind]
-        # A full copy: the EMA itself under ZeRO-1/2; under ZeRO-3 the module that
-        # gathered EMA partitions are loaded into for sampling and export.
-        self.ema = make_ema(model, ema_state).to(world.device)
+        # DeepSpeed takes the whole, initialised model on every rank (ZeRO-3 partitions it in
+        # initialize). The EMA is a whole copy too: the EMA itself under ZeRO-1/2; under ZeRO-3 the
+        # module that gathered EMA partitions are loaded into for sampling and export.
+        model, self.ema, plan = define_model_and_ema(build)
+        model.to_empty(device=world.device)
+        self.ema.to_empty(device=world.device)
+        initialise(model, self.ema, plan, config.checkpoint.init_from)
         prepare_blocks(model, config)
-        model.to(world.device)
         optimizer = build_adamw(model.parameters(), config.optimizer, world.device)
         scheduler = build_scheduler(optimizer, config.optimizer, config.train.max_steps)
         self.ds_config = deepspeed_config(config, world.world_size, world.device.type)

@@ -23,9 +23,14 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+# The fixed tables below are computed on the CPU whatever the default device, so that a model
+# defined on the meta device can record them (and every device gets the same values).
+CPU = torch.device("cpu")
+
+
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     """``[sin(p w_k), cos(p w_k)]`` with ``w_k = 1 / 10000^(k / (dim/2))``, k < dim/2; float64."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=CPU) / (dim / 2.0))
     angles = positions.reshape(-1).to(torch.float64)[:, None] * omega[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
@@ -37,7 +42,8 @@ def sincos_2d_table(dim: int, grid_size: int) -> torch.Tensor:
     the second half the row index.
     """
     rows, cols = torch.meshgrid(
-        torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij"
+        torch.arange(grid_size, dtype=torch.float64, device=CPU), torch.arange(grid_size, dtype=torch.float64, device=CPU),
+        indexing="ij",
     )
     return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1)
 
@@ -50,8 +56,8 @@ def rope_2d_tables(head_dim: int, grid_size: int) -> tuple[torch.Tensor, torch.T
     first ``a`` angles come from its row, the last ``a`` from its column.
     """
     axis_dim = head_dim // 2
-    freqs = 1.0 / 10000 ** (torch.arange(0, axis_dim, 2, dtype=torch.float32)[: axis_dim // 2] / axis_dim)
-    positions = torch.arange(grid_size, dtype=torch.float32)
+    freqs = 1.0 / 10000 ** (torch.arange(0, axis_dim, 2, dtype=torch.float32, device=CPU)[: axis_dim // 2] / axis_dim)
+    positions = torch.arange(grid_size, dtype=torch.float32, device=CPU)
     per_axis = torch.repeat_interleave(positions[:, None] * freqs[None, :], 2, dim=-1)  # (G, a)
     row_part = per_axis[:, None, :].expand(grid_size, grid_size, axis_dim)
     col_part = per_axis[None, :, :].expand(grid_size, grid_size, axis_dim)

@@ -16,6 +16,7 @@ format (:func:`~sfd_train.tokenizers.semvae.export_semvae`), which ``sfd-data ex
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,8 +26,8 @@ from torch import nn
 
 from sfd_train.config.base import ConfigError
 from sfd_train.config.semvae import SemVAEJobConfig
-from sfd_train.engine.task import TrainingTask
-from sfd_train.tokenizers.semvae import SemVAE, semvae_loss
+from sfd_train.engine.task import SavedWeights, TrainingTask
+from sfd_train.tokenizers.semvae import SemVAE, export_semvae, semvae_loss
 
 if TYPE_CHECKING:
     from sfd_train.engine.trainer import Trainer
@@ -41,6 +42,8 @@ def _tokens(features: torch.Tensor) -> torch.Tensor:
 
 class SemVAETask(TrainingTask):
     """The Semantic VAE on DINOv2 features."""
+
+    config_class = SemVAEJobConfig
 
     def __init__(self, config: SemVAEJobConfig, loader: Any):
         super().__init__(config, loader)
@@ -63,8 +66,9 @@ class SemVAETask(TrainingTask):
     def grid(self) -> int:
         return self.loader.manifest.latent_size[0]
 
-    def build_model(self, device: torch.device) -> nn.Module:
-        return SemVAE(self.config.model)
+    @classmethod
+    def build_model(cls, config: SemVAEJobConfig, device_type: str) -> nn.Module:
+        return SemVAE(config.model)
 
     def step_draws(self, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         shape = (self.config.train.global_batch_size, self.config.model.bottleneck_dim, self.grid, self.grid)
@@ -78,8 +82,23 @@ class SemVAETask(TrainingTask):
     def flops_per_image(self) -> float:
         # Every weight is used once per token (attention over 256 tokens adds ~4%): 2 FLOPs per
         # multiply-add, 3 x the forward for a training step.
-        weights = sum(p.numel() for name, p in SemVAE(self.config.model).named_parameters() if p.dim() > 1)
+        with torch.device("meta"):  # only the shapes are needed
+            weights = sum(p.numel() for name, p in SemVAE(self.config.model).named_parameters() if p.dim() > 1)
         return 6.0 * weights * self.grid * self.grid
+
+    @classmethod
+    def export(cls, weights: SavedWeights, out: Path, format: str) -> Path:
+        """The authors' SemVAE checkpoint format (``.pt`` or ``.safetensors``), which ``sfd-data extract
+        --semvae`` and their own code load: the EMA weights, which equal the model's with the recipe's
+        ``train.ema_decay: 0``; the iteration is the checkpoint's step."""
+        from sfd_train.config.loader import build_config
+        from sfd_train.engine.checkpoint import CheckpointManager
+        from sfd_train.engine.weights import checkpoint_folder
+
+        model = cls.build_model(build_config({"task": "semvae", "model": weights.config["model"]}), "cpu")
+        model.load_state_dict(weights.ema if weights.ema is not None else weights.model, strict=True)
+        step = CheckpointManager.read_train_state(checkpoint_folder(weights.source))["step"]
+        return Path(export_semvae(model, out, iteration=int(step), format=format))
 
     def after_step(self, trainer: "Trainer") -> None:
         every = self.config.eval.every
