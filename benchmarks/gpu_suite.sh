@@ -13,6 +13,9 @@
 #                                                   step with and without them first (the goal's numbers), then
 #                                                   their CUDA checks and kernel benchmarks with tile sweeps
 #                                                   (benchmarks/NOTES.md, "Next lease"); about 8 minutes
+#     bash benchmarks/gpu_suite.sh plan             sfd-launch plan against the GPU: for three configurations, the
+#                                                   plan (fake tensors) next to torch.cuda.max_memory_allocated of
+#                                                   a steady-state step (goal: within 10%); about 6 minutes
 #     bash benchmarks/gpu_suite.sh save-cache       Inductor's cache into $OUT as inductor-cache.tgz.NN
 # TAG=name names the step part's files step-name.json/.log, so one call can run several.
 # Compiling the whole XL step takes about 2 minutes per variant. To skip that in the lease's next
@@ -44,8 +47,8 @@ if [[ "$part" == save-cache ]]; then
 fi
 
 case "$part" in
-    tests | kernels | step | fused) ;;
-    *) echo "usage: $0 fetch | save-cache | tests | kernels | step [VARIANTS [ARGS]] | fused [VARIANTS]" >&2; exit 2 ;;
+    tests | kernels | step | fused | plan) ;;
+    *) echo "usage: $0 fetch | save-cache | tests | kernels | step [VARIANTS [ARGS]] | fused [VARIANTS] | plan" >&2; exit 2 ;;
 esac
 
 if compgen -G "$carried_cache/inductor-cache.tgz.*" >/dev/null && [[ ! -d "$TORCHINDUCTOR_CACHE_DIR" ]]; then
@@ -97,6 +100,27 @@ case "$part" in
         "$python" benchmarks/bench_kernels.py --sections add_rms_norm,qk_norm_rope,swiglu,modulate,qk_norm,rms_norm \
             --qk-tiles "1024x4:512x4,2048x8:1024x8,512x2:256x2" --norm-bwd-tiles "2x8,2x4,1x4" \
             --json "$out/fused-kernels.json" 2>&1 | tee "$out/fused-kernels.log" | tail -40
+        ;;
+    plan)
+        # One GPU, one process each: XL/1 as bench_step times it (DDP, 32 images, compiled blocks: 19.3 GiB
+        # logged in benchmarks/results/2026-11-22-h100), XL/1 under FSDP2 with 64 images, and XXL/1 with
+        # activation checkpointing and 128 images. A failed configuration is reported, not fatal.
+        plan_case() {
+            local name=$1; shift
+            "$python" -m sfd_train.planning.check "$@" --device cuda --compare --out "$out/plan-$name.json" \
+                >"$out/plan-$name.log" 2>&1 && tail -4 "$out/plan-$name.log" \
+                || { echo "gpu_suite: plan case $name FAILED"; tail -20 "$out/plan-$name.log"; }
+        }
+        plan_case xl-ddp-32 sfd_xl parallel.strategy=ddp train.global_batch_size=32 run.device=cuda
+        plan_case xl-fsdp2-64 sfd_xl train.global_batch_size=64 run.device=cuda
+        plan_case xxl-ac-128 sfd_xxl parallel.activation_checkpointing=true train.global_batch_size=128 run.device=cuda
+        "$python" - "$out" <<'SUMMARY' | tee "$out/plan-summary.txt"
+import json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("plan-*.json")):
+    r = json.loads(path.read_text())
+    print(f"{path.stem}: measured {r['max_memory_allocated_gib']:.2f} GiB, planned {r['planned']['memory_gib']['total']:.2f} "
+          f"GiB, measured/planned {r['measured_over_planned']:.3f} (goal 0.90-1.10)")
+SUMMARY
         ;;
     step)
         variants=${2:-eager,authors,ours,ours-step,ours-graphs,ours-step-autotune,authors+fused-adamw}

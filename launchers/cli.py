@@ -24,9 +24,10 @@ MODES = {
     "local": "torchrun on this machine",
     "slurm": "write <run.output_dir>/launch/job.sbatch (+ node.sh) and submit it with sbatch",
     "ascend": "run torchrun on this Ascend node with CANN and HCCL set up (one command per node)",
+    "plan": "memory per device, step time and data bandwidth of the job as the other modes run it (CPU, no GPU)",
 }
 
-USAGE = "sfd-launch {local,slurm,ascend} CONFIG [key=value ...] [options]"
+USAGE = "sfd-launch {local,slurm,ascend,plan} CONFIG [key=value ...] [options]"
 
 HELP = f"""usage: {USAGE}
 
@@ -38,7 +39,9 @@ modes:
 CONFIG is a YAML file or a preset in configs/ (e.g. tiny). key=value overrides any
 config key, the launcher section included (launcher.nodes=4,
 launcher.slurm.partition=gpu); flags win over both. --dry-run writes the scripts and
-prints exactly what would run, without running it.
+prints exactly what would run, without running it. With launcher.device (or --device) set,
+local, slurm and ascend plan the job first and refuse one that cannot fit (exit 2);
+--no-plan skips that.
 
   sfd-launch MODE --help     flags of a mode
   sfd-launch --help-config   every launcher.* key with its default
@@ -48,6 +51,7 @@ examples:
   sfd-launch slurm configs/sfd_xl.yaml --nodes 4 --partition gpu --time 4:00:00 --dry-run
   sfd-launch slurm configs/sfd_xl.yaml --nodes 2 --accelerator npu      # Slurm on Ascend
   sfd-launch ascend configs/sfd_xl.yaml --nodes 2 --node-rank 0 --master-addr 10.0.0.1
+  sfd-launch plan sfd_xl --nodes 32 --devices-per-node 8 --device h100 --json
 """
 
 # Flag destination -> path of the launcher key it sets.
@@ -55,6 +59,7 @@ _FLAG_KEYS = {
     "nodes": ("nodes",),
     "devices_per_node": ("devices_per_node",),
     "accelerator": ("accelerator",),
+    "device": ("device",),
     "env_setup": ("env_setup",),
     "partition": ("slurm", "partition"),
     "account": ("slurm", "account"),
@@ -76,7 +81,19 @@ def _parser(mode: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("config", help="YAML file or preset name in configs/ (e.g. tiny)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=1000")
-    parser.add_argument("--dry-run", action="store_true", help="print exactly what would run; start nothing")
+    parser.add_argument("--device", metavar="NAME",
+                        help="launcher.device: h100, h200, a100-40g, a100-80g, 910b, or the memory in GiB (e.g. 75)")
+    if mode == "plan":
+        parser.add_argument("--nodes", type=int, metavar="N", help="launcher.nodes")
+        parser.add_argument("--devices-per-node", "--nproc-per-node", dest="devices_per_node", type=int, metavar="G",
+                            help="launcher.devices_per_node (default 8)")
+        parser.add_argument("--json", action="store_true", help="print the plan as JSON (keys: docs/planning.md)")
+        parser.epilog = ("The plan traces one training step on fake tensors and a fake process group of the job's "
+                         "size (no GPU, no memory), with the launcher's mesh and batch split. docs/planning.md.")
+        return parser
+    parser.add_argument("--dry-run", action="store_true", help="print exactly what would run (after the plan); start nothing")
+    parser.add_argument("--no-plan", action="store_true",
+                        help="do not plan the job first, even with launcher.device set (and so never refuse it)")
     if mode == "local":
         parser.add_argument(
             "--nproc-per-node", "--devices-per-node", dest="devices_per_node", type=int, metavar="N",
@@ -149,10 +166,48 @@ def _show(job: Job, texts: dict[str, str], command: str, dry_run: bool) -> None:
     print(f"$ {command}", flush=True)
 
 
+def _plan(config: Config, args: argparse.Namespace) -> int:
+    """sfd-launch plan: the job as the other modes would run it, on launcher.device."""
+    import json
+
+    from sfd_train.planning import resolve_device
+    from sfd_train.planning.plan import plan_job
+
+    launcher = config.launcher
+    if launcher.device == "":
+        raise ConfigError("launcher.device", "sfd-launch plan needs a device: --device h100 (h200, a100-40g, a100-80g, "
+                          "910b, or the memory in GiB), or launcher.device in the config")
+    plan = plan_job(config, launcher.nodes, launcher.nproc_per_node(), resolve_device(launcher.device, launcher.accelerator))
+    print(json.dumps(plan.to_json(), indent=1) if args.json else plan.summary(), flush=True)
+    return 0
+
+
+def _fits(job: Job, args: argparse.Namespace) -> bool:
+    """Plans the job first when launcher.device is set (not with --no-plan) and prints the plan; False when
+    it cannot fit, after saying so. A Slurm job that may get fewer nodes is planned on the fewest: its
+    ranks then hold the most images."""
+    launcher = job.launcher
+    if args.no_plan or launcher.device == "":
+        return True
+    from sfd_train.planning import resolve_device
+    from sfd_train.planning.plan import plan_job
+
+    nodes = launcher.node_counts()[0] if job.mode == "slurm" else launcher.nodes
+    plan = plan_job(job.config, nodes, job.nproc_per_node, resolve_device(launcher.device, job.accelerator))
+    print("\n".join(f"# {line}" for line in plan.summary().splitlines()), flush=True)
+    if plan.fits:
+        return True
+    print(f"sfd-launch {job.mode}: refused, nothing {'started' if job.mode != 'slurm' else 'submitted'}: the job "
+          f"{plan.verdict()}. (--no-plan launches it anyway.)", file=sys.stderr, flush=True)
+    return False
+
+
 def _local(config: Config, args: argparse.Namespace) -> int:
     launcher = config.launcher
     nproc = launcher.devices_per_node or local.count_local_devices()
-    build_job(config, "local", nproc_per_node=nproc)  # checks the batch split
+    job = build_job(config, "local", nproc_per_node=nproc)  # checks the batch split
+    if not _fits(job, args):
+        return 2
     cmd = local.command(args.config, args.overrides, launcher, nproc)
     env = local.environment(launcher)
     line = join_words([*(f"{k}={v}" for k, v in env.items()), *cmd])
@@ -166,6 +221,8 @@ def _local(config: Config, args: argparse.Namespace) -> int:
 
 def _slurm(config: Config, args: argparse.Namespace) -> int:
     job = build_job(config, "slurm")
+    if not _fits(job, args):
+        return 2
     texts = {"job.sbatch": slurm.render_batch_script(job), "node.sh": render_node_script(job)}
     _write_files(job, texts)
     _show(job, texts, join_words(slurm.submit_command(job)), args.dry_run)
@@ -176,6 +233,8 @@ def _slurm(config: Config, args: argparse.Namespace) -> int:
 
 def _ascend(config: Config, args: argparse.Namespace) -> int:
     job = build_job(config, "ascend")
+    if not _fits(job, args):
+        return 2
     env, cmd = ascend.node_command(job, args.node_rank, args.master_addr)
     if not args.dry_run:
         ascend.check_node_files(job)
@@ -207,12 +266,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     mode = argv[0]
     if mode not in MODES:
-        print(f"usage: {USAGE}\nsfd-launch: error: unknown mode {mode!r} (choose local, slurm or ascend)", file=sys.stderr)
+        print(f"usage: {USAGE}\nsfd-launch: error: unknown mode {mode!r} (choose local, slurm, ascend or plan)", file=sys.stderr)
         return 2
     args = parse_args_with_overrides(_parser(mode), argv[1:])
     try:
         config = apply_flags(load_config(args.config, args.overrides), args)
-        return {"local": _local, "slurm": _slurm, "ascend": _ascend}[mode](config, args)
+        return {"local": _local, "slurm": _slurm, "ascend": _ascend, "plan": _plan}[mode](config, args)
     except ConfigError as err:
         print(f"sfd-launch: error: {err}", file=sys.stderr)
         return 2

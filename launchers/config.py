@@ -156,6 +156,10 @@ class LauncherConfig:
     (1 process without any), 8 for slurm and ascend, whose nodes are not visible when the script is written."""
     accelerator: Literal["cuda", "npu", "cpu"] = "cuda"
     """What the cluster nodes compute on: CUDA GPUs, Ascend NPUs (CANN environment, hccl), or CPUs (gloo)."""
+    device: str = ""
+    """The accelerator model, for the plan sfd-launch makes before it starts or submits the job (memory per
+    device, step time, data bandwidth; a job that cannot fit is refused, --no-plan skips it): h100, h200,
+    a100-40g, a100-80g, 910b, or the device memory in GiB (e.g. 75); '' = no plan. See `sfd-launch plan`."""
     env_setup: list[str] = field(default_factory=list)
     """Shell lines run before training on every node (module loads, conda activate, ...)."""
     env: dict[str, Any] = field(default_factory=dict)
@@ -191,6 +195,13 @@ class LauncherConfig:
             )
         if self.devices_per_node is not None and self.devices_per_node < 1:
             raise ConfigError("devices_per_node", f"must be >= 1 (or null for auto), got {self.devices_per_node}")
+        if self.device != "":
+            from sfd_train.planning.devices import resolve_device  # noqa: PLC0415  (see the module docstring)
+
+            try:
+                resolve_device(self.device, self.accelerator)
+            except ValueError as err:
+                raise ConfigError("device", str(err)) from None
         if not 0 <= self.port <= 65535:
             raise ConfigError("port", f"must be in [0, 65535], got {self.port}")
         for name, value in self.env.items():

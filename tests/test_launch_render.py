@@ -249,7 +249,7 @@ def test_quoted_slurm_time_in_yaml_is_accepted(tmp_path):
 
 def test_help(capsys):
     assert cli.main(["--help"]) == 0
-    assert "sfd-launch {local,slurm,ascend} CONFIG" in capsys.readouterr().out
+    assert "sfd-launch {local,slurm,ascend,plan} CONFIG" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["slurm", "--help"])
     assert exit_info.value.code == 0
