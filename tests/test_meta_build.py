@@ -101,6 +101,13 @@ class _OutOfPlaceDraw(nn.Module):
         self.weight = nn.Parameter(torch.randn(3))
 
 
+class _DrawsIntoACpuTensor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(3))
+        self.noise = torch.empty(3, device="cpu").uniform_()  # moves the generator; a replay would not
+
+
 class _PartialInit(nn.Module):
     def __init__(self):
         super().__init__()
@@ -111,6 +118,7 @@ class _PartialInit(nn.Module):
 @pytest.mark.parametrize("module,message", [
     (_FromData, "no recorded initial value for weight"),
     (_OutOfPlaceDraw, "draws random numbers into a new tensor"),
+    (_DrawsIntoACpuTensor, "draws random numbers into a cpu tensor"),
     (_PartialInit, "writes part of weight"),
 ])
 def test_a_constructor_that_cannot_be_replayed_is_named(module, message):

@@ -171,6 +171,9 @@ class _Recorder(TorchDispatchMode):
             if args[0].is_meta:
                 self.events.append((func, args[0], tuple(args[1:]), dict(kwargs), False,
                                     func.overloadpacket in _OVERWRITES, draws))
+            elif draws:  # it moved the generator now, and a replay would not
+                raise InitRecordError(f"{func} draws random numbers into a {args[0].device} tensor while the model "
+                                      "is defined; draw into the parameters themselves so that it can be replayed")
         elif written:
             if any(isinstance(a, torch.Tensor) and a.is_meta for a in chain(args, kwargs.values())):
                 raise InitRecordError(f"{func} writes into an out= tensor while initialising; use an in-place "
