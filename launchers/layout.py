@@ -31,15 +31,38 @@ from sfd_train.config import Config, ConfigError, load_config
 from sfd_train.config.schema import ParallelConfig
 
 
-def default_mesh(parallel: ParallelConfig, nodes: int, nproc_per_node: int) -> ParallelConfig:
+def default_mesh(config: Config, nodes: int, nproc_per_node: int) -> ParallelConfig:
     """FSDP2 on several nodes shards inside each node and replicates across nodes (HSDP), unless
     the config chose a mesh itself: parameter all-gathers and gradient reduce-scatters then stay
     on the node's links (NVLink, HCCS), and only one gradient all-reduce per step crosses the
     slower network. One node keeps the flat mesh. ``parallel.dp_shard`` = the world size asks
-    for flat FSDP2 across nodes."""
-    if not mesh_follows_nodes(parallel) or nodes == 1:
+    for flat FSDP2 across nodes.
+
+    When the global batch is smaller than the number of ranks, data parallelism runs out of
+    samples: tensor parallelism inside each node (the smallest degree that leaves a data world
+    dividing the batch) takes the rest, eager (tensor parallelism runs without compile).
+    """
+    parallel = config.parallel
+    if not mesh_follows_nodes(parallel):
+        return parallel
+    tp = tensor_parallel_degree(config, nodes * nproc_per_node, nproc_per_node)
+    if tp > 1:
+        return replace(parallel, dp_replicate=nodes, dp_shard=nproc_per_node // tp, tp=tp, compile=False)
+    if nodes == 1:
         return parallel
     return replace(parallel, dp_replicate=nodes, dp_shard=nproc_per_node)
+
+
+def tensor_parallel_degree(config: Config, world: int, nproc_per_node: int) -> int:
+    """1 while the global batch covers every rank; else the smallest degree inside a node that
+    divides the heads and leaves a data-parallel world dividing the global batch (1 if none)."""
+    batch = config.train.global_batch_size
+    if batch >= world:
+        return 1
+    for tp in range(2, nproc_per_node + 1):
+        if nproc_per_node % tp == 0 and config.model.dims()[2] % tp == 0 and batch % (world // tp) == 0:
+            return tp
+    return 1
 
 
 def mesh_follows_nodes(parallel: ParallelConfig) -> bool:
@@ -72,7 +95,10 @@ class Layout:
         parallel = self.parallel
         if parallel == self.configured:
             return []
-        return [f"parallel.dp_replicate={parallel.dp_replicate}", f"parallel.dp_shard={parallel.dp_shard}"]
+        overrides = [f"parallel.dp_replicate={parallel.dp_replicate}", f"parallel.dp_shard={parallel.dp_shard}"]
+        if parallel.tp != self.configured.tp:
+            overrides += [f"parallel.tp={parallel.tp}", f"parallel.compile={str(parallel.compile).lower()}"]
+        return overrides
 
     def describe(self) -> str:
         replicate, shard, tp = self.parallel.mesh_shape(self.world_size)
@@ -93,7 +119,7 @@ def plan(config: Config, nodes: int, nproc_per_node: int) -> Layout:
         ConfigError: the nodes cannot keep the config's global batch or mesh; the message
             names the node count, the ranks and the numbers that do not divide.
     """
-    parallel = default_mesh(config.parallel, nodes, nproc_per_node)
+    parallel = default_mesh(config, nodes, nproc_per_node)
     world = nodes * nproc_per_node
     try:
         parallel.mesh_shape(world)

@@ -349,3 +349,17 @@ def test_a_mesh_that_does_not_fit_the_job_is_refused_at_launch():
                                 "launcher.devices_per_node=8", "parallel.dp_replicate=3"])
     with pytest.raises(ConfigError, match="does not make the 16 ranks"):
         build_job(config, "slurm", workdir=WORKDIR)
+
+
+def test_a_batch_smaller_than_the_ranks_gets_tensor_parallelism_inside_each_node():
+    config = load_config("sfd_xxl")  # a global batch of 256, 24 heads, compiled
+    layout = plan(config, 128, 8)
+    assert (layout.parallel.dp_replicate, layout.parallel.dp_shard, layout.parallel.tp) == (128, 2, 4)
+    assert layout.trainer_overrides() == ["parallel.dp_replicate=128", "parallel.dp_shard=2", "parallel.tp=4",
+                                          "parallel.compile=false"]
+    assert (layout.micro_batch, layout.data_world, layout.accumulation) == (1, 256, 1)
+    assert "tensor parallel 4" in layout.describe()
+    assert plan(config, 32, 8).parallel.tp == 1  # 256 ranks: one image each, no tensor parallelism
+    chosen = load_config("sfd_xxl", ["parallel.dp_replicate=128", "parallel.dp_shard=8"])
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        plan(chosen, 128, 8)  # a mesh the config chose is kept, and refused when it cannot split the batch

@@ -192,9 +192,12 @@ def test_plan_json_carries_the_contract(small_config, capsys):
 def test_plan_needs_a_device_and_names_layouts_that_cannot_split(small_config, capsys):
     assert cli.main(["plan", str(small_config)]) == 2
     assert "launcher.device" in capsys.readouterr().err
-    assert cli.main(["plan", str(small_config), "--nodes", "4", "--device", "h100"]) == 2  # 16 images, 32 ranks
-    err = capsys.readouterr().err
-    assert "train.global_batch_size=32" in err and "parallel.tp=2" in err
+    # 16 images on 32 ranks: the launcher's mesh splits each sample over 2 ranks
+    assert cli.main(["plan", str(small_config), "--nodes", "4", "--device", "h100", "--json"]) == 0
+    assert "tensor parallel 2" in json.loads(capsys.readouterr().out)["details"]["layout"]
+    # 10 images on 32 ranks: no degree inside a node leaves a data world that divides 10
+    assert cli.main(["plan", str(small_config), "--nodes", "4", "--device", "h100", "train.global_batch_size=10"]) == 2
+    assert "train.global_batch_size=32" in capsys.readouterr().err
 
 
 def test_a_job_that_cannot_fit_is_refused_before_anything_is_written(small_config, tmp_path, capsys):

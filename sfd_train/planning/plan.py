@@ -311,13 +311,15 @@ def layout_advice(config: Config, nodes: int, nproc_per_node: int) -> str:
     world, batch = nodes * nproc_per_node, config.train.global_batch_size
     if batch % world == 0 or config.parallel.tp != 1:
         return ""
+    from sfd_train.launchers.layout import tensor_parallel_degree
+
     bigger = -(-batch // world) * world
-    heads = config.model.dims()[2]
-    tp = next((t for t in (2, 4, 8) if t <= nproc_per_node and heads % t == 0 and batch % (world // t) == 0), None)
     advice = f"; e.g. train.global_batch_size={bigger} (one image or more per rank)"
-    if tp:
-        advice += (f", or split each sample over {tp} ranks: parallel.tp={tp} parallel.dp_replicate={nodes} "
-                   f"parallel.dp_shard={nproc_per_node // tp}")
+    # A config that left the mesh to the launcher already got this degree; one that chose it did not.
+    tp = tensor_parallel_degree(config, world, nproc_per_node)
+    if tp > 1:
+        advice += (f", or split each sample over {tp} ranks: parallel.strategy=fsdp2 parallel.tp={tp} "
+                   f"parallel.dp_replicate={nodes} parallel.dp_shard={nproc_per_node // tp} parallel.compile=false")
     return advice
 
 
