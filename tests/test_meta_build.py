@@ -15,7 +15,7 @@ from ports import free_port
 from runs import TINY, train, write_config
 from sfd_train.config import build_config
 from sfd_train.config.registry import task_of_config
-from sfd_train.engine.materialize import InitRecordError, define_on_meta
+from sfd_train.engine.materialize import InitOp, InitRecordError, advance, define_on_meta
 
 WORKER = Path(__file__).with_name("meta_build_worker.py")
 SEMVAE = {"task": "semvae", "model": {"hidden_dim": 32, "transformer_heads": 4, "transformer_blocks": 1,
@@ -87,6 +87,38 @@ def test_every_kind_of_recorded_initialisation_replays_exactly():
     assert torch.equal(after_full, torch.rand(4))
     for name, value in full.state_dict().items():
         assert torch.equal(value, model.state_dict()[name]), name
+
+
+def _draw(func, shape, args):
+    return InitOp("w", func, shape, torch.float32, args, {}, creates=False, overwrites=True, draws=True)
+
+
+@pytest.mark.parametrize("func,args", [(torch.ops.aten.uniform_.default, (-0.3, 0.3)),
+                                       (torch.ops.aten.normal_.default, (0.0, 0.02))], ids=["uniform_", "normal_"])
+@pytest.mark.parametrize("shape,start,stop", [
+    ((64,), 16, 48), ((37,), 5, 21), ((37,), 33, 37), ((37,), 0, 0), ((1003,), 1, 1002),
+    ((13, 9), 27, 81), ((13, 9), 90, 117), ((256, 7), 0, 896), ((256, 7), 896, 1792),
+])
+def test_drawing_a_ranks_rows_gives_the_slice_of_the_whole_draw(func, args, shape, start, stop):
+    """Each rank draws only its rows and steps over the rest (advance): the values must be those of
+    the whole draw, and the generator must end where the whole draw leaves it, whatever the size
+    modulo normal_'s blocks of 16 and wherever the rows start."""
+    op = _draw(func, shape, args)
+    torch.manual_seed(3)
+    whole = op.apply(None).flatten()[start:stop].clone()
+    after_whole = torch.rand(3)
+    torch.manual_seed(3)
+    rows = op.draw_rows(start, stop)
+    assert torch.equal(rows, whole)
+    assert torch.equal(torch.rand(3), after_whole)
+    torch.manual_seed(3)
+    advance(op.draw_count())  # stepping over the whole draw
+    assert torch.equal(torch.rand(3), after_whole)
+
+
+def test_draws_whose_count_depends_on_their_values_are_drawn_whole():
+    assert _draw(nn.init.trunc_normal_, (64, 64), ()).draw_count() is None  # rejection sampling in this torch
+    assert _draw(torch.ops.aten.normal_.default, (15,), ()).draw_count() is None  # torch's serial path
 
 
 class _FromData(nn.Module):

@@ -13,11 +13,14 @@ table computed on the CPU, tensors created as zeros or ones. After parallelisati
 the global shape drawn from the global CPU generator (exactly as the full build draws it), and
 keeps only this rank's part of it (:func:`local_part`). The peak is one tensor, not one model.
 
-What it costs: every rank draws every random number of the full build, since the CPU generator
-is sequential and a rank cannot skip to its own slice; that time does not shrink with more ranks.
-Memory, the EMA copy and the sharding copies do. A draw whose values a later operation overwrites
-(torch's default init, replaced by the model's own) is still drawn, to keep the generator in step,
-but is neither sliced nor stored.
+What it costs: the CPU generator (Mersenne Twister) is sequential, so every rank still steps it
+through every random number of the full build; it only computes the values it keeps. A draw whose
+values a later operation overwrites (torch's default init, replaced by the model's own) and the
+part of a ``uniform_``/``normal_`` draw that other ranks hold are stepped over (:func:`advance`,
+about half the cost of drawing a float), and a rank draws only its own rows of a tensor sharded by
+rows (:meth:`InitOp.draw_rows`). The rest (a draw whose count depends on its values, as the
+rejection sampling of ``trunc_normal_``; a split that is not a range of rows) is drawn whole and
+sliced. Memory, the EMA copy and the sharding copies shrink with the ranks.
 """
 
 from __future__ import annotations
@@ -47,6 +50,23 @@ _OVERWRITES = {aten.uniform_, aten.normal_, aten.fill_, aten.zero_, aten.copy_, 
 # nn.init functions whose operations cannot be recorded one by one on a meta tensor (most return it
 # untouched, eye_ writes through out=): recorded whole, one operation each. Name -> whether it draws.
 _WHOLE_INIT_FUNCTIONS = {"trunc_normal_": True, "orthogonal_": True, "sparse_": True, "dirac_": False, "eye_": False}
+
+
+# How far each step-over moves at most: the buffer it writes into is this many bytes.
+_ADVANCE_CHUNK = 1 << 20
+
+
+def advance(draws: int) -> None:
+    """Steps the global CPU generator over ``draws`` 32-bit numbers without computing floats.
+
+    ``random_`` on a uint8 tensor takes one 32-bit number per element (as a float32 ``uniform_``
+    does, and ``normal_`` before its transform), the cheapest way torch offers to step the generator.
+    """
+    buffer = torch.empty(min(draws, _ADVANCE_CHUNK), dtype=torch.uint8)
+    while draws > 0:
+        step = min(draws, _ADVANCE_CHUNK)
+        buffer[:step].random_()
+        draws -= step
 
 
 class InitRecordError(RuntimeError):
@@ -84,6 +104,51 @@ class InitOp:
     draws: bool
     live: bool = True
 
+    def draw_count(self) -> int | None:
+        """How many 32-bit numbers this operation takes from the generator, if known without running
+        it: a float32 ``uniform_`` one per element; a float32 ``normal_`` of 16 or more elements one
+        per element, in blocks of 16 (Box-Muller on each block's two halves), plus 16 more to redo the
+        last block when the size is not a multiple of 16. None for anything else."""
+        if self.creates or self.dtype != torch.float32 or self.kwargs.get("generator") is not None:
+            return None
+        numel = _numel(self.shape)
+        if self.func is aten.uniform_.default:
+            return numel
+        if self.func is aten.normal_.default and numel >= 16:
+            return numel + (16 if numel % 16 else 0)
+        return None
+
+    def draw_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` (flat) of the tensor this draw gives, and the generator left
+        where drawing the whole tensor leaves it. Only for operations with a :meth:`draw_count`.
+
+        ``uniform_`` maps each number to one element. ``normal_`` pairs the numbers of each block of
+        16, so the rows are widened to whole blocks; a last, partial block is drawn from the 16
+        numbers after the body (torch redoes the last 16 elements with them).
+        """
+        numel = _numel(self.shape)
+        out = torch.empty(stop - start, dtype=self.dtype)
+        if self.func is aten.uniform_.default:
+            advance(start)
+            self.func(out, *self.args, **self.kwargs)
+            advance(numel - stop)
+            return out
+        body = numel - numel % 16  # whole blocks; a partial last block is redrawn
+        low, high = start - start % 16, min(-(-stop // 16) * 16, body)
+        advance(low)
+        if high > low:
+            drawn = self.func(torch.empty(high - low, dtype=self.dtype), *self.args, **self.kwargs)
+            first, last = start, min(stop, high)
+            if last > first:
+                out[first - start:last - start] = drawn[first - low:last - low]
+        advance(numel - max(high, low))
+        if numel % 16:
+            tail = self.func(torch.empty(16, dtype=self.dtype), *self.args, **self.kwargs)
+            first = max(start, numel - 16)
+            if stop > first:
+                out[first - start:] = tail[first - (numel - 16):stop - (numel - 16)]
+        return out
+
     def apply(self, current: torch.Tensor | None) -> torch.Tensor:
         """The whole target after this operation, computed on the CPU as the full build computes it.
 
@@ -113,13 +178,24 @@ class InitPlan:
         """
         tensors = {clean_name(name): t for name, t in _named_tensors(module)}
         last = {op.target: index for index, op in enumerate(self.ops) if op.target is not None}
+        live_ops: dict[str, int] = {}
+        for op in self.ops:
+            if op.live:
+                live_ops[op.target] = live_ops.get(op.target, 0) + 1
         whole: dict[str, torch.Tensor] = {}  # targets being computed (one at a time in practice)
         for index, op in enumerate(self.ops):
+            count = op.draw_count() if op.draws else None
             if not op.live:
-                if op.draws:
-                    op.apply(None)  # keeps the generator where the full build has it
+                if count is not None:
+                    advance(count)  # keeps the generator where the full build has it
+                elif op.draws:
+                    op.apply(None)
                 continue
             target = tensors[op.target]
+            rows = _flat_rows(target) if count is not None and live_ops[op.target] == 1 else None
+            if rows is not None:  # a single draw gives the target its value: draw only this rank's rows
+                local_tensor(target).copy_(op.draw_rows(*rows).view(local_tensor(target).shape))
+                continue
             whole[op.target] = op.apply(whole.get(op.target)).reshape(target.shape)
             if last[op.target] == index:
                 local_tensor(target).copy_(local_part(whole.pop(op.target), target))
@@ -148,6 +224,30 @@ def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if part.shape != expected:
         raise AssertionError(f"local part {tuple(part.shape)} != local tensor {tuple(expected)} ({like.placements})")
     return part
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return int(torch.Size(shape).numel())
+
+
+def _flat_rows(like: torch.Tensor) -> tuple[int, int] | None:
+    """The flat range ``[start, stop)`` of the global tensor that ``like``'s local tensor holds, when
+    it is a range of whole rows (FSDP2's dim-0 shards, HSDP, a column-wise tensor-parallel split);
+    None when it is not (a split along another dimension, or by parts) or ``like`` is not sharded."""
+    if not isinstance(like, DTensor) or like.dim() == 0:
+        return None
+    index = global_index(like)
+    if any(i is not None for i in index[1:]):
+        return None
+    row = _numel(tuple(like.shape[1:]))
+    rows = index[0]
+    if rows is None:
+        return 0, like.shape[0] * row
+    if rows.numel() == 0:
+        return 0, 0
+    if not bool((rows.diff() == 1).all()):
+        return None
+    return int(rows[0]) * row, (int(rows[-1]) + 1) * row
 
 
 def _named_tensors(module: nn.Module):
