@@ -24,8 +24,8 @@ def startup_host_bytes(parameters: int, buffers: int, shard_group: int, largest_
     Args:
         parameters: elements of all parameters of the model.
         buffers: elements of its buffers (RoPE tables).
-        shard_group: ranks that share one copy of the parameters (FSDP2's ``dp_shard`` x ``tp``,
-            ZeRO-3's world; 1 for DDP and ZeRO-1/2, which replicate them).
+        shard_group: ranks that share one copy of the parameters at start-up (FSDP2's ``dp_shard``
+            x ``tp``; 1 for DDP and ZeRO, whose ranks each materialise the whole model first).
         largest_tensor: elements of its largest parameter.
         device_is_cpu: the job trains on CPUs.
     """

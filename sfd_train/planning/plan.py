@@ -384,7 +384,8 @@ def plan_job(config: Config, nodes: int, nproc_per_node: int, device: DeviceSpec
     step = project_step(inv, cluster, mesh, settings, world, job.train.global_batch_size, assumptions,
                         recompute=job.parallel.activation_checkpointing)
     step["mfu"] = assumptions.mfu
-    shard_group = shard * tp if job.parallel.strategy == "fsdp2" else (world if job.parallel.strategy == "zero3" else 1)
+    # ZeRO-3 partitions only inside deepspeed.initialize, after each rank has materialised the whole model.
+    shard_group = shard * tp if job.parallel.strategy == "fsdp2" else 1
     largest = max(p.numel for p in inv.params)
     host = startup_host_bytes(inv.total, inv.buffer_numel, shard_group, largest, device_is_cpu=False) \
         + PROCESS_HOST_GIB * GiB
