@@ -150,12 +150,14 @@ def _available_bytes() -> int:
 
 def measure(repo: Path, depth: int, nproc: int, timeout: float) -> list[dict]:
     """One run on ``nproc`` ranks of the checkout at ``repo``; the record of each rank."""
+    from sfd_train.engine.distributed import free_port  # here, not at the top: a worker imports from --repo
+
     with tempfile.TemporaryDirectory(prefix="sfd-bench-init-") as tmp:
         workdir = Path(tmp)
         config = _config(depth, workdir)
         env = {**os.environ, "SFD_BENCH_REPO": str(repo), "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-               str(_free_port()), str(HERE), "--worker", str(workdir / "rank"), "--", str(config)]
+               str(free_port()), str(HERE), "--worker", str(workdir / "rank"), "--", str(config)]
         result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
         records = []
         for rank in range(nproc):
@@ -165,13 +167,6 @@ def measure(repo: Path, depth: int, nproc: int, timeout: float) -> list[dict]:
             records.append(json.loads(path.read_text()))
         return records
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:

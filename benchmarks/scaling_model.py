@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from sfd_train.engine.distributed import free_port
 # The formulas and the hardware figures live in the package, shared with `sfd-launch plan`.
 from sfd_train.planning.scaling import (  # noqa: F401  (Flow, flow_seconds, fsdp_padded: tests read them here)
     CLUSTERS as ALL_CLUSTERS,
@@ -343,7 +344,7 @@ def launch_measured_run(case: MeasuredCase, work: Path, timeout: float = 600) ->
     config_path.write_text(yaml.safe_dump(case_config(case)))
     counts = work / "counts"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(MEASURED_WORLD),
-               "--master-port", str(_free_port()), str(Path(__file__).resolve()), "_worker",
+               "--master-port", str(free_port()), str(Path(__file__).resolve()), "_worker",
                "--steps", f"{COUNTED_STEPS[0]}:{COUNTED_STEPS[1]}", "--counts", str(counts), "--",
                str(config_path), f"run.output_dir={work / 'run'}", *case.layout.overrides()]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -354,13 +355,6 @@ def launch_measured_run(case: MeasuredCase, work: Path, timeout: float = 600) ->
     ranks = [json.loads((counts / f"rank{r}.json").read_text()) for r in range(MEASURED_WORLD)]
     return {"ranks": ranks, "wall_s": time.time() - started}
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def measured_per_step(ranks: list[dict[str, Any]]) -> dict[str, Any]:

@@ -40,7 +40,8 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (released before it is returned) for a local rendezvous."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -64,7 +65,7 @@ def init_distributed(device_type: str, backend: str = "auto", timeout: timedelta
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     device = devices.local_device(device_type, local_rank)
     if not dist.is_initialized():
         dist.init_process_group(
